@@ -1,0 +1,97 @@
+"""Memmapped datasets over prepared folders: zero-copy reads, memory constant in corpus size.
+
+`PackedDataset` serves the samples of one folder in shard order. `BlendedDataset` mixes several folders
+with weights through a deterministic interleaving: position i of the blend is a fixed (folder, sample)
+pair, so the blend's index is the "sample id" that masks and data order are functions of.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .inspect import load_manifest
+from .shards import Shard, ShardError
+
+
+class PackedDataset:
+    """All samples of one `dupmae prepare` folder. `ds[i]` -> (i, token ids as a read-only uint16/32 view)."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.manifest = load_manifest(self.directory)
+        self.shards = [Shard.open(self.directory / s["name"]) for s in self.manifest["shards"]]
+        for s, entry in zip(self.shards, self.manifest["shards"]):
+            if len(s) != entry["samples"]:
+                raise ShardError(f"{s.prefix}.idx: {len(s)} samples, manifest.json says {entry['samples']}")
+        self.cumulative = np.cumsum([0] + [len(s) for s in self.shards])
+        self.vocab_hash = self.manifest["tokenizer"]["vocab_hash"]
+        self.max_len = int(self.manifest["max_len"])
+
+    def __len__(self) -> int:
+        return int(self.cumulative[-1])
+
+    def tokens(self, i: int) -> np.ndarray:
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} out of range for {len(self)} samples in {self.directory}")
+        k = int(np.searchsorted(self.cumulative, i, side="right")) - 1
+        return self.shards[k][i - int(self.cumulative[k])]
+
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray]:
+        return int(i), self.tokens(int(i))
+
+    def lengths(self) -> np.ndarray:
+        return np.concatenate([np.asarray(s.lengths) for s in self.shards]) if self.shards else np.zeros(0, np.int32)
+
+
+class BlendedDataset:
+    """Folders mixed by weight. Folder d contributes round(size * w_d) samples (wrapping around when it is
+    smaller than that), interleaved evenly: its k-th sample sits at virtual time (k + 0.5) / w_d and the
+    blend is the merge of all folders by that time (ties: lower folder index first)."""
+
+    def __init__(self, datasets: list[PackedDataset], weights: list[float] | None = None, size: int | None = None):
+        if not datasets:
+            raise ValueError("no dataset to blend")
+        hashes = {d.vocab_hash for d in datasets}
+        if len(hashes) > 1:
+            names = ", ".join(f"{d.directory} ({d.vocab_hash[:12]})" for d in datasets)
+            raise ShardError(f"these folders were prepared with different tokenizers and cannot be mixed: {names}")
+        weights = list(weights) if weights is not None else [float(len(d)) for d in datasets]
+        if len(weights) != len(datasets):
+            raise ValueError(f"{len(weights)} weights for {len(datasets)} datasets")
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"weights must be non-negative and not all zero: {weights}")
+        for d, w in zip(datasets, weights):
+            if w > 0 and len(d) == 0:
+                raise ShardError(f"{d.directory} holds no samples but has weight {w}")
+        self.datasets = datasets
+        self.max_len = max(d.max_len for d in datasets)
+        self.vocab_hash = datasets[0].vocab_hash
+        w = np.asarray(weights, dtype=np.float64) / sum(weights)
+        size = int(size if size is not None else sum(len(d) for d in datasets))
+        counts = np.floor(w * size).astype(np.int64)
+        # hand the rounding remainder to the largest fractional parts, deterministically
+        remainder = size - int(counts.sum())
+        order = np.argsort(-(w * size - counts), kind="stable")
+        counts[order[:remainder]] += 1
+        times = [(np.arange(c) + 0.5) / w[d] for d, c in enumerate(counts) if c]
+        owners = [np.full(c, d, dtype=np.int32) for d, c in enumerate(counts) if c]
+        locals_ = [np.arange(c, dtype=np.int64) % len(datasets[d]) for d, c in enumerate(counts) if c]
+        merge = np.argsort(np.concatenate(times), kind="stable")
+        self.dataset_index = np.concatenate(owners)[merge]
+        self.sample_index = np.concatenate(locals_)[merge]
+
+    def __len__(self) -> int:
+        return len(self.dataset_index)
+
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray]:
+        d, j = int(self.dataset_index[i]), int(self.sample_index[i])
+        return int(i), self.datasets[d].tokens(j)
+
+
+def open_datasets(directories: list[str | Path], weights: list[float] | None = None):
+    """One folder -> PackedDataset; several -> BlendedDataset (weights default to their sizes)."""
+    sets = [PackedDataset(d) for d in directories]
+    if len(sets) == 1 and weights is None:
+        return sets[0]
+    return BlendedDataset(sets, weights)

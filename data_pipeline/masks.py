@@ -1,0 +1,78 @@
+"""DupMAE's random masks as pure functions of (seed, sample id), vectorized over a batch.
+
+Encoder: whole-word masking at `mask_prob` (0.3) with 80% [MASK] / 10% random token / 10% kept, as the
+reference collator (HF `DataCollatorForWholeWordMask._whole_word_mask`): the budget is
+`max(1, round(len * mask_prob))` tokens with len counting [CLS] and [SEP]; words are taken in a random
+order while they fit. One documented difference: the reference skips a word that overflows the budget
+and keeps trying smaller ones; ours stops at the first word that overflows (a prefix of the random order),
+which keeps the draw vectorized. With mostly one-token words the two differ by at most a word or two.
+
+Decoder: the per-row visibility rule lives in `dupmae.kernels.philox.decoder_visibility`, shared with the
+reference attention and the Triton kernel; `decoder_attention_mask` below builds it for a collated batch.
+
+All draws come from Philox4x32-10 keyed per sample by `derive_sample_keys(seed, sample_id, domain)`:
+the encoder uses counter (position, 0, 0, 0) and its four output words: word 0 -> the priority of word
+number `position`, word 1 -> the 80/10/10 choice for the token at `position`, word 2 -> the random token.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dupmae.kernels.philox import (
+    DOMAIN_DECODER,
+    DOMAIN_ENCODER,
+    MASK32,
+    decoder_visibility,
+    derive_sample_keys,
+    philox4x32,
+    split_seed,
+)
+
+
+def encoder_draws(seed: int, sample_ids: torch.Tensor, length: int) -> tuple[torch.Tensor, ...]:
+    """Four (B, length) int64 tensors of uint32 draws, one Philox evaluation per (sample, position)."""
+    keys = derive_sample_keys(seed, sample_ids, DOMAIN_ENCODER)
+    k0, k1 = split_seed(keys[:, None])
+    pos = torch.arange(length, dtype=torch.int64)[None, :].expand(len(sample_ids), length)
+    zero = torch.zeros_like(pos)
+    return philox4x32(k0, k1, pos, zero, zero, zero)
+
+
+def whole_word_mask(
+    ordinary: np.ndarray,
+    word_ids: np.ndarray,
+    lengths: np.ndarray,
+    priority: np.ndarray,
+    mask_prob: float,
+) -> np.ndarray:
+    """(B, L) bool: the tokens chosen for prediction.
+
+    ordinary: (B, L) bool, maskable positions (not [CLS], [SEP], padding); word_ids: (B, L) word number
+    of each position (1.. for ordinary tokens); priority: (B, L) uint32 draws, entry w ranks word w.
+    """
+    B, L = ordinary.shape
+    n_words = np.where(ordinary, word_ids, 0).max(axis=1) if L else np.zeros(B, np.int64)
+    w = np.arange(L)[None, :]
+    valid_word = (w >= 1) & (w <= n_words[:, None])
+    word_sizes = np.zeros((B, L + 1), dtype=np.int64)
+    rows = np.broadcast_to(np.arange(B)[:, None], (B, L))
+    np.add.at(word_sizes, (rows[ordinary], word_ids[ordinary]), 1)
+    word_sizes = word_sizes[:, :L]
+    key = np.where(valid_word, priority.astype(np.int64), np.iinfo(np.int64).max)
+    order = np.argsort(key, axis=1, kind="stable")
+    sizes_in_order = np.take_along_axis(word_sizes, order, axis=1)
+    budget = np.maximum(1, np.round(lengths * mask_prob)).astype(np.int64)
+    taken_in_order = (np.cumsum(sizes_in_order, axis=1) <= budget[:, None]) & np.take_along_axis(valid_word, order, 1)
+    chosen_word = np.zeros((B, L), dtype=bool)
+    np.put_along_axis(chosen_word, order, taken_in_order, axis=1)
+    safe_ids = np.where(ordinary, word_ids, 0)
+    return np.take_along_axis(chosen_word, safe_ids, axis=1) & ordinary
+
+
+def decoder_attention_mask(batch: dict, p_dec: float = 0.5) -> torch.Tensor:
+    """The explicit (B, L, L) bool mask of a collated batch (tests, the naive reference, small batches)."""
+    return decoder_visibility(batch["decoder_seeds"], batch["word_ids"], batch["lengths"], p_dec)
+
+
+__all__ = ["encoder_draws", "whole_word_mask", "decoder_attention_mask", "DOMAIN_DECODER", "MASK32"]
