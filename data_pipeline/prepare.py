@@ -89,7 +89,15 @@ def _our_files(out: Path) -> list[Path]:
 
 def _check_plan(out: Path, plan: dict, overwrite: bool) -> None:
     plan_path = out / "plan.json"
+    if out.exists() and any(out.iterdir()) and not plan_path.is_file():
+        stray = [p.name for p in out.iterdir()][:5]
+        raise PrepareError(f"{out} is not empty and holds no plan.json ({', '.join(stray)}...): "
+                           "refusing to write shards beside unknown files")
     if out.exists() and overwrite:
+        stray = sorted(set(out.iterdir()) - set(_our_files(out)))
+        if stray:
+            raise PrepareError(f"--overwrite: {out} also holds files dupmae did not write "
+                               f"({', '.join(p.name for p in stray[:5])}); nothing was removed")
         for p in _our_files(out):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
     if plan_path.is_file():
@@ -106,10 +114,6 @@ def _check_plan(out: Path, plan: dict, overwrite: bool) -> None:
             if old[key] != plan[key]:
                 raise PrepareError(f"{out} was prepared from different {key.replace('_', ' ')}: {hint}")
         return
-    if out.exists() and any(out.iterdir()):
-        stray = [p.name for p in out.iterdir()][:5]
-        raise PrepareError(f"{out} is not empty and holds no plan.json ({', '.join(stray)}...): "
-                           "refusing to write shards beside unknown files")
     out.mkdir(parents=True, exist_ok=True)
     _write_json_atomic(plan_path, plan)
 

@@ -127,7 +127,7 @@ def _iter_blocks(path: str) -> Iterator[tuple[int, bytes, int]]:
         elif block:
             yield start, b"\n".join(block), pending
             block, pending = [], 0
-    if block or pending:
+    if block:  # trailing blank lines are no record (their bytes are simply not reported as progress)
         yield start, b"\n".join(block), pending
 
 
@@ -175,8 +175,9 @@ def _hf_rows(path: str, size: int, spec: FieldSpec):
                          "set --text-field")
     present = [c for c in spec.columns if c in ds.column_names]
     table = ds.with_format("arrow").select_columns(present)
-    batches = (table[i : i + 1024] for i in range(0, len(table), 1024))
-    return _iter_table((b.to_batches()[0] if b.num_rows else b for b in batches), len(table), size, spec)
+    # a slice of an Arrow table may span several record batches: yield every one of them
+    batches = (rb for i in range(0, len(table), 1024) for rb in table[i : i + 1024].to_batches())
+    return _iter_table(batches, len(table), size, spec)
 
 
 def iter_records(files: list[InputFile], spec: FieldSpec) -> Iterator[tuple[Record, int]]:
