@@ -55,11 +55,28 @@ def _run_inspect(args) -> int:
     return inspect_shards(args.dir, n_samples=args.samples, verify=not args.no_verify)
 
 
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser("pretrain", help="pre-train DupMAE with DeepSpeed (any launcher, or one process)",
+                       description="Pre-train DupMAE. Overrides are dotted keys: optim.lr=2e-4 train.max_steps=50")
+    p.add_argument("--config", "-c", required=True, help="a TOML recipe, e.g. configs/demo-cpu.toml")
+    p.add_argument("overrides", nargs="*", help="section.key=value (TOML values; bare words are strings)")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    p.set_defaults(func=_run_pretrain)
+
+
+def _run_pretrain(args) -> int:
+    from dupmae.engine.config import load_config
+    from dupmae.engine.trainer import run
+
+    return run(load_config(args.config, args.overrides))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dupmae", description="DupMAE pre-training system")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_prepare(sub)
     _add_inspect(sub)
+    _add_pretrain(sub)
     return parser
 
 
@@ -69,10 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     from dupmae.data_pipeline.readers import InputError
     from dupmae.data_pipeline.shards import ShardError
     from dupmae.data_pipeline.tokenizer import TokenizerError
+    from dupmae.engine.config import ConfigError
 
     try:
         return int(args.func(args) or 0)
-    except (PrepareError, InputError, ShardError, TokenizerError) as e:
+    except (PrepareError, InputError, ShardError, TokenizerError, ConfigError) as e:
         print(f"dupmae {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -67,6 +67,7 @@ class DupMAEOutput:
     bow_loss: torch.Tensor
     mlm_tokens: int  # positions the encoder predicted
     dec_tokens: int  # positions the decoder predicted
+    mlm_correct: int = 0  # encoder predictions equal to the label (only with `with_accuracy=True`)
 
     def parts(self) -> dict[str, float]:
         return {"total": self.loss.item(), "mlm": self.mlm_loss.item(), "dec": self.dec_loss.item(),
@@ -76,13 +77,19 @@ class DupMAEOutput:
 def load_masked_lm(cfg: ModelConfig):
     """BertForMaskedLM from a local folder (no hub) or from a config; SDPA attention; head tied."""
     from transformers import BertConfig, BertForMaskedLM
+    from transformers.utils import logging as hf_logging
 
     if cfg.encoder is not None:
         from dupmae.data_pipeline.tokenizer import resolve_tokenizer_path
 
         path = str(resolve_tokenizer_path(cfg.encoder))
-        lm, info = BertForMaskedLM.from_pretrained(path, attn_implementation="sdpa", local_files_only=True,
-                                                   output_loading_info=True)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its load report is replaced by the one line below
+        try:
+            lm, info = BertForMaskedLM.from_pretrained(path, attn_implementation="sdpa", local_files_only=True,
+                                                       output_loading_info=True)
+        finally:
+            hf_logging.set_verbosity(verbosity)
         fresh = sorted(k for k in info.get("missing_keys", []) if k.startswith("cls."))
         if fresh:
             log.warning("%s has no MLM head (%s): initialized fresh", path, ", ".join(fresh))
@@ -154,7 +161,11 @@ class DupMAE(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------------
 
-    def forward(self, batch: dict) -> DupMAEOutput:
+    def forward(self, batch: dict, denominators: dict | None = None, with_accuracy: bool = False) -> DupMAEOutput:
+        """The three losses of one batch. Each is a sum over its positions (samples, for L_bow) divided by
+        `denominators["mlm" | "dec" | "samples"]`; by default this batch's own counts, i.e. means. A trainer
+        passes counts over the whole global batch (all micro steps, all ranks), so that summing the
+        micro-batch losses of all ranks gives exactly the loss of the global batch."""
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         labels, dec_labels = batch["labels"], batch["decoder_labels"]
         hidden = self.lm.bert(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
@@ -169,20 +180,32 @@ class DupMAE(nn.Module):
             valid &= labels == -100
         projected = transform(hidden)
         mu, _ = kernels.bow_max_pool(projected, weight, bias, valid, impl=impl)
+        masked = labels != -100
+        ordinary = dec_labels != -100
+        counts = {"mlm": int(masked.sum()), "dec": int(ordinary.sum()), "samples": B}
+        denom = {k: max(float((denominators or counts)[k]), 1.0) for k in counts}
         bow = kernels.bow_loss(mu, batch["bow_ids"], batch["bow_mask"], batch["bow_counts"],
-                               normalization=self.cfg.bow_normalization)
+                               normalization=self.cfg.bow_normalization, reduction="sum") / denom["samples"]
 
         # L_mlm: only the masked rows are projected
-        masked = labels != -100
-        mlm = kernels.linear_cross_entropy(projected[masked], weight, bias, labels[masked], impl=impl)
+        mlm = kernels.linear_cross_entropy(projected[masked], weight, bias, labels[masked], impl=impl,
+                                           reduction="sum") / denom["mlm"]
 
         # L_dec: [CLS] decoding through the enhanced decoder
         h_cls = hidden[:, :1]
         kv = torch.cat([h_cls, self.lm.bert.embeddings(input_ids=batch["decoder_input_ids"])[:, 1:]], dim=1)
         decoded = self._enhanced_decoder(self._query_stream(h_cls, L), kv, batch)
-        ordinary = dec_labels != -100
         dec = kernels.linear_cross_entropy(transform(decoded[ordinary]), weight, bias, dec_labels[ordinary],
-                                           impl=impl)
+                                           impl=impl, reduction="sum") / denom["dec"]
 
         total = mlm + dec + self.cfg.w_bow * bow
-        return DupMAEOutput(total, mlm, dec, bow, int(masked.sum()), int(ordinary.sum()))
+        correct = self._count_correct(projected[masked], weight, bias, labels[masked]) if with_accuracy else 0
+        return DupMAEOutput(total, mlm, dec, bow, counts["mlm"], counts["dec"], correct)
+
+    @torch.no_grad()
+    def _count_correct(self, rows: torch.Tensor, weight, bias, labels: torch.Tensor, chunk: int = 1024) -> int:
+        correct = 0
+        for r0 in range(0, len(rows), chunk):
+            logits = torch.matmul(rows[r0 : r0 + chunk], weight.t()) + bias
+            correct += int((logits.argmax(-1) == labels[r0 : r0 + chunk]).sum())
+        return correct

@@ -99,9 +99,10 @@ def bow_max_pool(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 def bow_loss(mu: torch.Tensor, bow_ids: torch.Tensor, bow_mask: torch.Tensor, bow_counts: torch.Tensor,
-             normalization: str = "count") -> torch.Tensor:
-    """Bag-of-words NLL, mean over the batch: -(1/n_b) * sum over the distinct tokens v of x_b of
-    log_softmax(mu_b)[v] (normalization "count", the reference code), or the plain sum ("sum", the paper)."""
+             normalization: str = "count", reduction: str = "mean") -> torch.Tensor:
+    """Bag-of-words NLL: -(1/n_b) * sum over the distinct tokens v of x_b of log_softmax(mu_b)[v]
+    (normalization "count", the reference code), or the plain sum ("sum", the paper); then the mean over
+    the batch, or with reduction="sum" the sum."""
     logp = torch.log_softmax(mu.to(torch.promote_types(mu.dtype, torch.float32)), dim=-1)
     picked = logp.gather(1, bow_ids) * bow_mask
     per_sample = -picked.sum(1)
@@ -109,14 +110,14 @@ def bow_loss(mu: torch.Tensor, bow_ids: torch.Tensor, bow_mask: torch.Tensor, bo
         per_sample = per_sample / bow_counts.clamp(min=1).to(per_sample.dtype)
     elif normalization != "sum":
         raise ValueError(f"bow normalization must be 'count' or 'sum', got {normalization!r}")
-    return per_sample.mean()
+    return per_sample.sum() if reduction == "sum" else per_sample.mean()
 
 
 # ---- linear + cross-entropy -----------------------------------------------------------------------------
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, token_chunk):
+    def forward(ctx, hidden, weight, bias, labels, token_chunk, reduction):
         N, D = hidden.shape
         keep = labels != -100
         count = int(keep.sum())
@@ -146,7 +147,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 dweight += torch.matmul(grad.t(), h).to(acc)
                 if dbias is not None:
                     dbias += grad.to(acc).sum(0)
-        scale = 1.0 / max(count, 1)
+        scale = 1.0 / max(count, 1) if reduction == "mean" else 1.0
         ctx.scale = scale
         ctx.has_bias = bias is not None
         ctx.weight_dtype = weight.dtype
@@ -164,14 +165,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             (dbias * g).to(dhidden.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None,
             None,
             None,
+            None,
         )
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         labels: torch.Tensor, token_chunk: int | None = None) -> torch.Tensor:
-    """mean over rows with labels != -100 of CE(hidden @ weight.T + bias, labels); 0 when there is none.
-    hidden (N, D), weight (V, D), labels (N,). Never holds more than token_chunk x V logits."""
-    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, token_chunk or TOKEN_CHUNK)
+                         labels: torch.Tensor, token_chunk: int | None = None, reduction: str = "mean") -> torch.Tensor:
+    """CE(hidden @ weight.T + bias, labels) over the rows with labels != -100: their mean (0 when there is
+    none) or, with reduction="sum", their sum. hidden (N, D), weight (V, D), labels (N,). Never holds more
+    than token_chunk x V logits."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, token_chunk or TOKEN_CHUNK, reduction)
 
 
 # ---- the enhanced decoder's attention -------------------------------------------------------------------

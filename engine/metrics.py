@@ -1,0 +1,91 @@
+"""Training metrics people act on: analytic FLOPs and MFU, throughput, memory, TensorBoard scalars.
+
+FLOPs of one DupMAE training step, counted analytically from the batch (multiply-add = 2 FLOPs,
+backward = 2x forward for matmuls whose inputs need gradients):
+- encoder and enhanced decoder layers: 6 x (parameters of the layer's matmuls) per position, plus the
+  attention products 12 x L x D per position and layer (scores and context, forward and backward);
+- MLM-head transform: 6 x D^2 per position it runs on (all encoder positions, decoder label rows);
+- bag-of-words projection: 2 x D x V per encoder position (its backward is O(B x V x D), not counted);
+- L_mlm / L_dec projections: 6 x D x V per predicted position.
+MFU = achieved FLOP/s / the device's peak (table below, dense bf16/fp16 tensor-core figures). On CPU
+there is no meaningful peak: the console shows achieved GFLOP/s and MFU is logged as 0.
+"""
+from __future__ import annotations
+
+import os
+import resource
+
+import torch
+
+# dense bf16 peak FLOP/s per device, by a substring of torch.cuda.get_device_name()
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "A10G": 125e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "V100": 125e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+}
+
+
+def device_peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, value in PEAK_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def step_flops(config, batch_shape: tuple[int, int], mlm_tokens: int, dec_tokens: int) -> float:
+    """Analytic FLOPs of forward + backward for one micro batch of shape (B, L)."""
+    B, L = batch_shape
+    D, V, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    ffn = config.intermediate_size
+    per_layer_params = 4 * D * D + 2 * D * ffn
+    positions = B * L
+    layer_flops = (layers + 1) * positions * (6 * per_layer_params + 12 * L * D)
+    transform = 6 * D * D * (positions + dec_tokens)
+    bow = 2 * D * V * positions
+    heads = 6 * D * V * (mlm_tokens + dec_tokens)
+    return float(layer_flops + transform + bow + heads)
+
+
+def peak_memory_bytes() -> int:
+    """Peak accelerator memory on GPU; the process's peak resident set on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class TensorBoard:
+    """Scalars by rank 0 only, the optimizer step as x-axis. A no-op elsewhere or when disabled."""
+
+    def __init__(self, log_dir: str | os.PathLike, enabled: bool):
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, global_step=step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

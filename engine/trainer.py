@@ -1,0 +1,396 @@
+"""The DeepSpeed trainer: `dupmae pretrain`.
+
+One optimizer step = `grad_accum` micro batches on every rank. Losses are normalized by counts over the
+WHOLE global batch (masked tokens for L_mlm, ordinary tokens for L_dec, samples for L_bow; one small
+all-reduce per step), so the update equals that of one process on the global batch, whatever the split
+into ranks and micro steps.
+
+Run directory (train.run_dir):
+    config.toml          the resolved configuration
+    deepspeed.json       the DeepSpeed configuration it generated (or merged with yours)
+    metrics.jsonl        rank 0: one JSON line per optimizer step (loss parts, lr, grad norm, timings)
+                         and per evaluation
+    tensorboard/         rank 0: scalars, the optimizer step as x-axis
+    checkpoints/         see checkpoint.py; `latest_complete` names the newest complete one
+
+Exit codes: 0 done; 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (run the same command again
+to resume; batch scripts requeue on it); 3 too many non-finite losses; 2 configuration or data errors.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, distributed
+from .config import ConfigError, RunConfig, to_toml
+from .metrics import TensorBoard, device_peak_flops, format_duration, peak_memory_bytes, step_flops
+from .model import DupMAE
+
+EXIT_OK = 0
+EXIT_BAD_LOSS = 3
+EXIT_PREEMPTED = 75
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON for this run; a user's JSON (train.deepspeed_config) is merged underneath, and
+    its batch sizes must agree with ours."""
+    d, z = cfg.data, cfg.zero
+    ours = {
+        "train_micro_batch_size_per_gpu": d.micro_batch,
+        "gradient_accumulation_steps": d.grad_accum,
+        "train_batch_size": d.micro_batch * d.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,  # DeepSpeed clips at 1.0 when the key is absent
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": z.stage, "reduce_bucket_size": z.reduce_bucket_size,
+                              "overlap_comm": z.overlap_comm, "contiguous_gradients": True},
+        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "fp16": {"enabled": cfg.train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+    }
+    if z.offload_optimizer:
+        ours["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if z.stage == 3:
+        ours["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    if not cfg.train.deepspeed_config:
+        return ours
+    path = Path(cfg.train.deepspeed_config)
+    try:
+        user = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"train.deepspeed_config: {path} not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"train.deepspeed_config: {path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        if key in user and user[key] != ours[key]:
+            raise ConfigError(f"{path}: {key} = {user[key]} conflicts with the recipe's {ours[key]} "
+                              f"(data.micro_batch {d.micro_batch} x data.grad_accum {d.grad_accum} x "
+                              f"{world_size} ranks); set the batch in the recipe, or make them agree")
+    if "optimizer" in user or "scheduler" in user:
+        raise ConfigError(f"{path}: 'optimizer' and 'scheduler' come from the recipe's [optim] section")
+    merged = dict(ours)
+    for key, value in user.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def lr_lambda(cfg: RunConfig):
+    o, total = cfg.optim, cfg.train.max_steps
+    warmup = int(round(o.warmup * total)) if o.warmup < 1 else int(o.warmup)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if o.schedule == "constant":
+            return 1.0
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        if o.schedule == "linear":
+            return o.min_lr_ratio + (1 - o.min_lr_ratio) * (1 - progress)
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases and LayerNorm weights (any 1-D parameter)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, log=None):
+        import deepspeed
+
+        from dupmae.data_pipeline.collator import DupMAECollator
+        from dupmae.data_pipeline.dataset import open_datasets
+        from dupmae.data_pipeline.sampler import GlobalBatchSampler
+        from dupmae.data_pipeline.tokenizer import tokenizer_info
+
+        # DeepSpeed's ZeRO still calls this torch collective under its deprecated name, every step
+        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+        self.cfg = cfg
+        self.rank, self.world, self.local_rank = distributed.init(cfg.train.dist_timeout_s)
+        self._log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+        self.run_dir = Path(cfg.train.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.device = torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+        # data: the last eval_samples ids are held out; everything else is the training stream
+        self.dataset = open_datasets(cfg.data.shards, cfg.data.weights)
+        self.info = tokenizer_info(str(Path(cfg.data.shards[0]) / "tokenizer"))
+        n = len(self.dataset)
+        self.n_train = n - cfg.data.eval_samples
+        if self.n_train < 1:
+            raise ConfigError(f"data.eval_samples {cfg.data.eval_samples} leaves no training sample of {n}")
+        self.sampler = GlobalBatchSampler(self.n_train, cfg.data.micro_batch, cfg.data.grad_accum, self.world,
+                                          self.rank, cfg.data.seed)
+        self.collator = DupMAECollator(self.info, seed=cfg.data.seed, max_len=self.dataset.max_len,
+                                       encoder_mask_prob=cfg.data.encoder_mask_prob,
+                                       pad_to_multiple_of=cfg.data.pad_to_multiple_of or None)
+
+        torch.manual_seed(cfg.train.seed)
+        model = DupMAE.from_config(cfg.model)
+        if model.config.vocab_size < self.info.vocab_size:
+            raise ConfigError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the shards' "
+                              f"tokenizer ({self.info.vocab_size}): prepare the data with the model's tokenizer")
+        if self.dataset.max_len > model.config.max_position_embeddings:
+            raise ConfigError(f"shards hold samples of {self.dataset.max_len} positions; the model has "
+                              f"{model.config.max_position_embeddings}")
+        head = model.lm.cls.predictions
+        deepspeed.zero.register_external_parameter(model, head.decoder.weight)  # tied: used outside its module
+        deepspeed.zero.register_external_parameter(model, head.decoder.bias)
+
+        o = cfg.optim
+        groups = param_groups(model, o.weight_decay)
+        if cfg.zero.offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.ds_config = deepspeed_config(cfg, self.world)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
+        self.model = self.engine.module
+
+        self.step = 0
+        self.bad_steps = 0
+        self._stop_signal: int | None = None
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+            (self.run_dir / "deepspeed.json").write_text(json.dumps(self.ds_config, indent=2), encoding="utf-8")
+        self.tb = TensorBoard(self.run_dir / "tensorboard", cfg.logging.tensorboard and self.rank == 0)
+        self._resume()
+
+    # -- state --------------------------------------------------------------------------------------
+
+    def log(self, msg: str) -> None:
+        if self.rank == 0:
+            self._log(msg)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "consumed_samples": self.sampler.consumed_samples, "bad_steps": self.bad_steps,
+                "config_digest": self.cfg.digest(), "world_size": self.world, "sampler": self.sampler.state_dict()}
+
+    def _resume(self) -> None:
+        found = checkpoint.latest_complete(self.ckpt_dir) if self.cfg.checkpoint.resume else None
+        if found is None:
+            return
+        tag, marker = found
+        if marker.get("config_digest") not in (None, self.cfg.digest()):
+            raise ConfigError(f"{self.ckpt_dir / tag} was written with another model or data configuration "
+                              "(config hash differs): use a new train.run_dir, or checkpoint.resume=false")
+        if marker.get("world_size", self.world) != self.world:
+            raise ConfigError(f"{self.ckpt_dir / tag} was written by {marker['world_size']} ranks, this job has "
+                              f"{self.world}; convert it first with `dupmae universal {self.run_dir}`")
+        state = checkpoint.load(self.engine, self.ckpt_dir, tag)
+        self.step = int(state["step"])
+        self.bad_steps = int(state.get("bad_steps", 0))
+        self.sampler.load_state_dict(state["sampler"])
+        self.log(f"[pretrain] resumed from {self.ckpt_dir / tag}: step {self.step}, "
+                 f"{self.sampler.consumed_samples:,} samples consumed")
+
+    def save(self) -> None:
+        tag = checkpoint.save(self.engine, self.ckpt_dir, self.step, self.state_dict(),
+                              self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
+        self.log(f"[pretrain] saved checkpoint {self.ckpt_dir / tag}")
+
+    # -- signals ------------------------------------------------------------------------------------
+
+    def _on_signal(self, signum, _frame) -> None:
+        self._stop_signal = signum  # only a flag: the ranks agree on it at the next step boundary
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _zero_loss(self) -> torch.Tensor:
+        """A loss whose gradient is exactly zero for every parameter, for a step being skipped."""
+        return sum(p.sum() for p in self.engine.module.parameters() if p.requires_grad) * 0.0
+
+    def train(self) -> int:
+        cfg = self.cfg
+        accum, world = cfg.data.grad_accum, self.world
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=self.sampler, collate_fn=self.collator,
+            num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
+            persistent_workers=cfg.data.num_workers > 0)
+        batches = iter(loader)
+        self.install_signal_handlers()
+        peak = device_peak_flops()
+        metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") if self.rank == 0 else None
+        window = {"time": 0.0, "wait": 0.0, "tokens": 0.0, "samples": 0.0, "flops": 0.0, "steps": 0}
+        start_step, t_start = self.step, time.perf_counter()
+        self.log(f"[pretrain] {world} rank(s), global batch {self.sampler.global_batch} "
+                 f"({cfg.data.micro_batch} x {accum} x {world}), {self.n_train:,} training samples, "
+                 f"steps {self.step} -> {cfg.train.max_steps}, ZeRO-{cfg.zero.stage}, {cfg.train.precision}, "
+                 f"run dir {self.run_dir}")
+        try:
+            while self.step < cfg.train.max_steps:
+                if distributed.all_reduce([1.0 if self._stop_signal else 0.0], op="max")[0]:
+                    self.log(f"[pretrain] stop requested by signal at step {self.step}: saving")
+                    self.save()
+                    return EXIT_PREEMPTED
+                t0 = time.perf_counter()
+                micro, wait = [], 0.0
+                for _ in range(accum):
+                    tw = time.perf_counter()
+                    micro.append(next(batches))
+                    wait += time.perf_counter() - tw
+                local = [sum(float((b["labels"] != -100).sum()) for b in micro),
+                         sum(float((b["decoder_labels"] != -100).sum()) for b in micro),
+                         float(sum(len(b["lengths"]) for b in micro)),
+                         sum(float(b["lengths"].sum()) for b in micro),
+                         sum(step_flops(self.model.config, tuple(b["input_ids"].shape),
+                                        int((b["labels"] != -100).sum()), int((b["decoder_labels"] != -100).sum()))
+                             for b in micro)]
+                glob = distributed.all_reduce(local)
+                # DeepSpeed averages gradients over ranks and scales by 1/grad_accum: compensate
+                denominators = {"mlm": glob[0] / (world * accum), "dec": glob[1] / (world * accum),
+                                "samples": glob[2] / (world * accum)}
+                parts = torch.zeros(4, dtype=torch.float64)
+                lr = self.optimizer.param_groups[0]["lr"]
+                skipped = False
+                for i, b in enumerate(micro):
+                    out = self.engine(self._to_device(b), denominators=denominators)
+                    bad = distributed.all_reduce([0.0 if bool(torch.isfinite(out.loss)) else 1.0], op="max")[0]
+                    skipped |= bool(bad)
+                    self.engine.backward(self._zero_loss() if skipped else out.loss)
+                    if not skipped:
+                        parts += torch.tensor([out.loss.item(), out.mlm_loss.item(), out.dec_loss.item(),
+                                               out.bow_loss.item()], dtype=torch.float64)
+                    if i == accum - 1 and skipped:
+                        for group in self.optimizer.param_groups:
+                            group["lr"] = 0.0  # no update this step; the scheduler restores the lr
+                    self.engine.step()
+                self.step += 1
+                self.sampler.consumed_samples += self.sampler.global_batch
+                if skipped:
+                    self.bad_steps += 1
+                    self.log(f"[pretrain] step {self.step}: non-finite loss, step skipped "
+                             f"({self.bad_steps}/{cfg.train.max_bad_steps})")
+                    if self.bad_steps >= cfg.train.max_bad_steps:
+                        self.log(f"[pretrain] {self.bad_steps} non-finite losses: stopping (lower optim.lr, "
+                                 "check the data with `dupmae inspect`, or raise train.max_bad_steps)")
+                        return EXIT_BAD_LOSS
+                    continue
+                loss, mlm, dec, bow = (v / (world * accum) for v in distributed.all_reduce(parts.tolist()))
+                gnorm = self.engine.get_global_grad_norm()
+                gnorm = float(gnorm) if gnorm is not None else float("nan")
+                dt_step = time.perf_counter() - t0
+                window["time"] += dt_step
+                window["wait"] += wait
+                window["tokens"] += glob[3]
+                window["samples"] += glob[2]
+                window["flops"] += glob[4]
+                window["steps"] += 1
+                record = {"step": self.step, "loss": loss, "mlm": mlm, "dec": dec, "bow": bow, "lr": lr,
+                          "grad_norm": gnorm, "step_s": dt_step, "data_wait_s": wait,
+                          "consumed_samples": self.sampler.consumed_samples}
+                if metrics:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                if self.step % cfg.logging.every == 0 or self.step == cfg.train.max_steps:
+                    self._report(record, window, peak, start_step, t_start)
+                    window = {k: 0.0 for k in window} | {"steps": 0}
+                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+                    self.evaluate(metrics)
+                if self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.max_steps:
+                    self.save()
+            self.save()
+            self.log(f"[pretrain] done: {self.step} steps in {format_duration(time.perf_counter() - t_start)}")
+            return EXIT_OK
+        finally:
+            if metrics:
+                metrics.close()
+            self.tb.close()
+
+    def _report(self, record: dict, window: dict, peak: float | None, start_step: int, t_start: float) -> None:
+        secs = max(window["time"], 1e-9)
+        tokens_s, samples_s, flops_s = window["tokens"] / secs, window["samples"] / secs, window["flops"] / secs
+        mfu = flops_s / (peak * self.world) if peak else 0.0
+        wait_share = window["wait"] / secs
+        mem = peak_memory_bytes()
+        done = self.step - start_step
+        eta = (time.perf_counter() - t_start) / max(done, 1) * (self.cfg.train.max_steps - self.step)
+        self.tb.log(self.step, {
+            "loss/total": record["loss"], "loss/mlm": record["mlm"], "loss/dec": record["dec"],
+            "loss/bow": record["bow"], "lr": record["lr"], "grad_norm": record["grad_norm"],
+            "throughput/tokens_per_s": tokens_s, "throughput/samples_per_s": samples_s,
+            "throughput/mfu": mfu, "throughput/tflops": flops_s / 1e12, "time/step_s": secs / window["steps"],
+            "time/data_wait_share": wait_share, "memory/peak": mem / 2**30,
+        })
+        speed = f"MFU {100 * mfu:.1f}%" if peak else f"{flops_s / 1e9:.1f} GFLOP/s"
+        self.log(f"step {self.step}/{self.cfg.train.max_steps} | loss {record['loss']:.4f} (mlm {record['mlm']:.3f} "
+                 f"dec {record['dec']:.3f} bow {record['bow']:.3f}) | lr {record['lr']:.2e} | "
+                 f"gnorm {record['grad_norm']:.3f} | {tokens_s:,.0f} tok/s {samples_s:,.1f} samples/s | {speed} | "
+                 f"data {100 * wait_share:.0f}% | mem {mem / 2**30:.2f} GiB | ETA {format_duration(eta)}")
+
+    @torch.no_grad()
+    def evaluate(self, metrics=None) -> dict:
+        """The three losses and MLM accuracy on the held-out samples (this rank's share, then averaged)."""
+        cfg = self.cfg
+        n_eval = min(cfg.data.eval_samples, cfg.train.eval_batches * cfg.data.micro_batch * self.world)
+        if n_eval < self.world:
+            return {}
+        ids = list(range(self.n_train, self.n_train + n_eval))[self.rank :: self.world]
+        self.engine.eval()
+        sums = torch.zeros(6, dtype=torch.float64)
+        try:
+            for i in range(0, len(ids), cfg.data.micro_batch):
+                batch = self._to_device(self.collator([self.dataset[j] for j in ids[i : i + cfg.data.micro_batch]]))
+                out = self.engine(batch, with_accuracy=True)
+                n = len(ids[i : i + cfg.data.micro_batch])
+                sums += torch.tensor([out.mlm_loss.item() * out.mlm_tokens, out.dec_loss.item() * out.dec_tokens,
+                                      out.bow_loss.item() * n, out.mlm_correct, out.mlm_tokens, out.dec_tokens],
+                                     dtype=torch.float64)
+            tot = distributed.all_reduce(sums.tolist() + [float(len(ids))])
+        finally:
+            self.engine.train()
+        mlm, dec, bow = tot[0] / max(tot[4], 1), tot[1] / max(tot[5], 1), tot[2] / max(tot[6], 1)
+        result = {"eval/loss": mlm + dec + cfg.model.w_bow * bow, "eval/mlm": mlm, "eval/dec": dec,
+                  "eval/bow": bow, "eval/mlm_accuracy": tot[3] / max(tot[4], 1)}
+        self.tb.log(self.step, result)
+        if metrics:
+            metrics.write(json.dumps({"step": self.step, **result}) + "\n")
+        self.log(f"eval step {self.step} | loss {result['eval/loss']:.4f} (mlm {mlm:.3f} dec {dec:.3f} "
+                 f"bow {bow:.3f}) | MLM accuracy {100 * result['eval/mlm_accuracy']:.1f}% on {int(tot[6])} samples")
+        return result
+
+    def close(self) -> None:
+        distributed.shutdown()
+
+
+def run(cfg: RunConfig) -> int:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+__all__ = ["Trainer", "run", "deepspeed_config", "EXIT_OK", "EXIT_PREEMPTED", "EXIT_BAD_LOSS"]
