@@ -26,6 +26,7 @@ from . import distributed
 POINTER = "latest_complete"
 MARKER = "dupmae_complete.json"
 _TAG = re.compile(r"^step(\d+)$")
+_ANY = re.compile(r"^step(\d+)(_universal)?$")
 
 
 def tag_for(step: int) -> str:
@@ -119,24 +120,45 @@ def prune(ckpt_dir: Path, keep_last: int, keep_every: int, current: int) -> None
     if keep_every:
         keep |= {s for s in steps if s % keep_every == 0}
     for p in ckpt_dir.iterdir():
-        m = _TAG.match(p.name)
+        m = _ANY.match(p.name)
         if not m or not p.is_dir():
             continue
         s = int(m.group(1))
-        if s in keep:
+        if s in keep and not m.group(2):
             continue
         if (p / MARKER).is_file() or s < current:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def load(engine, ckpt_dir: str | Path, tag: str, load_universal: bool = False) -> dict:
-    """Load model, optimizer, scheduler and this rank's RNG; returns the client state."""
+def to_universal(ckpt_dir: str | Path, tag: str) -> str:
+    """Collective: rank 0 converts checkpoint `tag` into DeepSpeed's universal format (once), so it can be
+    loaded on another number of ranks. Returns the converted tag."""
+    import argparse
+
+    ckpt_dir = Path(ckpt_dir)
+    out = ckpt_dir / f"{tag}_universal"
+    done = out / MARKER
+    if distributed.rank() == 0 and not done.is_file():
+        from deepspeed.checkpoint import ds_to_universal
+
+        shutil.rmtree(out, ignore_errors=True)
+        ds_to_universal.main(argparse.Namespace(
+            input_folder=str(ckpt_dir / tag), output_folder=str(out), num_extract_workers=1, num_merge_workers=1,
+            keep_temp_folder=False, strict=True, inject_missing_state=False))
+        _write_atomic(done, json.dumps({"converted_from": tag, "time": time.time()}))
+    distributed.barrier()
+    return out.name
+
+
+def load(engine, ckpt_dir: str | Path, tag: str, rng_tag: str | None = None) -> dict:
+    """Load model, optimizer, scheduler and this rank's RNG; returns the client state. `rng_tag` names the
+    checkpoint holding the RNG files when `tag` is a converted (universal) copy."""
     ckpt_dir = Path(ckpt_dir)
     load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True,
                                                      load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
-    rng_file = ckpt_dir / tag / f"rng_rank{engine.global_rank}.pt"
+    rng_file = ckpt_dir / (rng_tag or tag) / f"rng_rank{engine.global_rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state or {}

@@ -40,6 +40,7 @@ class DataConfig:
 class TrainConfig:
     run_dir: str = "runs/dupmae"
     max_steps: int = 1000
+    stop_at_step: int = 0  # stop early (after a checkpoint) at this step; the schedule still follows max_steps
     precision: str = "fp32"  # fp32 | bf16 | fp16
     seed: int = 1234  # model initialization and dropout
     eval_every: int = 0  # steps; 0: no periodic evaluation
@@ -117,9 +118,12 @@ class RunConfig:
             raise ConfigError("checkpoint.keep_last must be >= 1")
 
     def digest(self) -> str:
-        """Hash of everything that must not change across a resume (batch geometry, data, model)."""
+        """Hash of what must not change across a resume: the model and the data stream. The split of the
+        global batch into ranks x micro batch x accumulation may change (the sampler checks the global
+        batch itself), and so may the number of DataLoader workers."""
         keep = {"model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data)}
-        keep["data"].pop("num_workers")
+        for key in ("num_workers", "micro_batch", "grad_accum"):
+            keep["data"].pop(key)
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 

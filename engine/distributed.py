@@ -83,6 +83,10 @@ def all_reduce(values: list[float], op: str = "sum", device: torch.device | None
     return t.tolist()
 
 
+def rank() -> int:
+    return torch_dist.get_rank() if torch_dist.is_initialized() else 0
+
+
 def barrier() -> None:
     if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
         torch_dist.barrier()

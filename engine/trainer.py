@@ -167,6 +167,9 @@ class Trainer:
             optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         self.ds_config = deepspeed_config(cfg, self.world)
+        resume = self._find_checkpoint()
+        if resume and resume[1] != resume[0]:
+            self.ds_config["checkpoint"] = {"load_universal": True}
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
         self.model = self.engine.module
@@ -179,7 +182,8 @@ class Trainer:
             (self.run_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
             (self.run_dir / "deepspeed.json").write_text(json.dumps(self.ds_config, indent=2), encoding="utf-8")
         self.tb = TensorBoard(self.run_dir / "tensorboard", cfg.logging.tensorboard and self.rank == 0)
-        self._resume()
+        if resume:
+            self._resume(*resume)
 
     # -- state --------------------------------------------------------------------------------------
 
@@ -191,22 +195,38 @@ class Trainer:
         return {"step": self.step, "consumed_samples": self.sampler.consumed_samples, "bad_steps": self.bad_steps,
                 "config_digest": self.cfg.digest(), "world_size": self.world, "sampler": self.sampler.state_dict()}
 
-    def _resume(self) -> None:
+    def _find_checkpoint(self) -> tuple[str, str] | None:
+        """(tag, tag to load) of the checkpoint to resume from; a checkpoint written by another number of
+        ranks is converted to DeepSpeed's universal format first and loaded from that copy."""
         found = checkpoint.latest_complete(self.ckpt_dir) if self.cfg.checkpoint.resume else None
         if found is None:
-            return
+            return None
         tag, marker = found
         if marker.get("config_digest") not in (None, self.cfg.digest()):
             raise ConfigError(f"{self.ckpt_dir / tag} was written with another model or data configuration "
                               "(config hash differs): use a new train.run_dir, or checkpoint.resume=false")
-        if marker.get("world_size", self.world) != self.world:
-            raise ConfigError(f"{self.ckpt_dir / tag} was written by {marker['world_size']} ranks, this job has "
-                              f"{self.world}; convert it first with `dupmae universal {self.run_dir}`")
-        state = checkpoint.load(self.engine, self.ckpt_dir, tag)
+        saved_world = marker.get("world_size", self.world)
+        if saved_world == self.world:
+            return tag, tag
+        saved_global = marker.get("consumed_samples", 0) // max(int(tag[4:]), 1) if int(tag[4:]) else None
+        if saved_global and saved_global != self.sampler.global_batch:
+            raise ConfigError(f"{self.ckpt_dir / tag} was trained with a global batch of {saved_global}; this job's "
+                              f"is {self.sampler.global_batch}: set data.micro_batch x data.grad_accum x ranks "
+                              "to the same global batch so the data order is preserved")
+        self.log(f"[pretrain] {tag} was written by {saved_world} rank(s), this job has {self.world}: "
+                 "converting it to a universal checkpoint")
+        return tag, checkpoint.to_universal(self.ckpt_dir, tag)
+
+    def _resume(self, tag: str, load_tag: str) -> None:
+        state = checkpoint.load(self.engine, self.ckpt_dir, load_tag, rng_tag=tag)
         self.step = int(state["step"])
         self.bad_steps = int(state.get("bad_steps", 0))
         self.sampler.load_state_dict(state["sampler"])
-        self.log(f"[pretrain] resumed from {self.ckpt_dir / tag}: step {self.step}, "
+        # the optimizer holds the lr of the step it last took; the schedule (max_steps may have changed) decides
+        factor = lr_lambda(self.cfg)(self.step)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * factor
+        self.log(f"[pretrain] resumed from {self.ckpt_dir / load_tag}: step {self.step}, "
                  f"{self.sampler.consumed_samples:,} samples consumed")
 
     def save(self) -> None:
@@ -238,19 +258,23 @@ class Trainer:
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=self.sampler, collate_fn=self.collator,
             num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
-            persistent_workers=cfg.data.num_workers > 0)
+            persistent_workers=cfg.data.num_workers > 0,
+            # its own generator: creating the iterator must not draw from the global RNG that dropout uses,
+            # or a resumed run (RNG restored, then iterator created) would drift from an uninterrupted one
+            generator=torch.Generator().manual_seed(cfg.data.seed))
         batches = iter(loader)
         self.install_signal_handlers()
         peak = device_peak_flops()
         metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") if self.rank == 0 else None
         window = {"time": 0.0, "wait": 0.0, "tokens": 0.0, "samples": 0.0, "flops": 0.0, "steps": 0}
         start_step, t_start = self.step, time.perf_counter()
+        last = min(cfg.train.max_steps, cfg.train.stop_at_step or cfg.train.max_steps)
         self.log(f"[pretrain] {world} rank(s), global batch {self.sampler.global_batch} "
                  f"({cfg.data.micro_batch} x {accum} x {world}), {self.n_train:,} training samples, "
                  f"steps {self.step} -> {cfg.train.max_steps}, ZeRO-{cfg.zero.stage}, {cfg.train.precision}, "
                  f"run dir {self.run_dir}")
         try:
-            while self.step < cfg.train.max_steps:
+            while self.step < last:
                 if distributed.all_reduce([1.0 if self._stop_signal else 0.0], op="max")[0]:
                     self.log(f"[pretrain] stop requested by signal at step {self.step}: saving")
                     self.save()
@@ -319,10 +343,12 @@ class Trainer:
                     window = {k: 0.0 for k in window} | {"steps": 0}
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
                     self.evaluate(metrics)
-                if self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.max_steps:
+                if self.step % cfg.checkpoint.every == 0 and self.step < last:
                     self.save()
             self.save()
-            self.log(f"[pretrain] done: {self.step} steps in {format_duration(time.perf_counter() - t_start)}")
+            what = "done" if self.step >= cfg.train.max_steps else f"stopped at train.stop_at_step {self.step}"
+            self.log(f"[pretrain] {what}: {self.step - start_step} steps in "
+                     f"{format_duration(time.perf_counter() - t_start)}")
             return EXIT_OK
         finally:
             if metrics:
