@@ -333,8 +333,8 @@ class Trainer:
                 window["flops"] += glob[4]
                 window["steps"] += 1
                 record = {"step": self.step, "loss": loss, "mlm": mlm, "dec": dec, "bow": bow, "lr": lr,
-                          "grad_norm": gnorm, "step_s": dt_step, "data_wait_s": wait,
-                          "consumed_samples": self.sampler.consumed_samples}
+                          "grad_norm": gnorm, "step_s": dt_step, "data_wait_s": wait, "tokens": int(glob[3]),
+                          "samples": int(glob[2]), "consumed_samples": self.sampler.consumed_samples}
                 if metrics:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()

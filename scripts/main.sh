@@ -1,15 +1,27 @@
 #!/usr/bin/env bash
-# The main job on the embedded default data: set up, prepare the WordNet corpus into shards, inspect them.
-# Later stages (pre-training, export, retrieval evaluation) extend this script as they land.
+# The main job on the embedded default data: set up, prepare the WordNet corpus into shards, inspect them,
+# then pre-train DupMAE (configs/demo-cpu.toml) on 2 ranks through the deepspeed launcher.
+# Running it again resumes the run from its newest checkpoint (delete work/runs/demo-cpu to start over).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 bash scripts/setup.sh
 source .venv/bin/activate
-work=${DUPMAE_WORK:-$root/work}
-mkdir -p "$work"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-dupmae prepare data/wordnet/corpus.jsonl --out "$work/shards/wordnet-128" --max-len 128
-dupmae inspect "$work/shards/wordnet-128"
+dupmae prepare data/wordnet/corpus.jsonl --out work/shards/wordnet-128 --max-len 128
+dupmae inspect work/shards/wordnet-128 --samples 2
+
+# two CPU ranks; on a GPU machine, one rank per GPU
+ranks=2
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then ranks=$(nvidia-smi -L | wc -l); fi
+port=$(python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+deepspeed --num_gpus "$ranks" --no_local_rank --master_port "$port" "$(command -v dupmae)" \
+  pretrain --config configs/demo-cpu.toml "$@"
+
+run=work/runs/demo-cpu
 echo
-echo "Shards are in $work/shards/wordnet-128 (manifest.json lists every file and its sha256)."
+echo "Run directory: $run"
+echo "  metrics:     $run/metrics.jsonl (one line per step)"
+echo "  checkpoints: $run/checkpoints ($(cat $run/checkpoints/latest_complete 2>/dev/null || echo none) is the newest)"
+echo "  TensorBoard: tensorboard --logdir $run/tensorboard   (then open http://localhost:6006)"
