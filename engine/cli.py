@@ -72,7 +72,14 @@ def _run_pretrain(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("dupmae")
+    except PackageNotFoundError:
+        v = "unknown"
     parser = argparse.ArgumentParser(prog="dupmae", description="DupMAE pre-training system")
+    parser.add_argument("--version", action="version", version=f"dupmae {v}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_prepare(sub)
     _add_inspect(sub)

@@ -96,7 +96,10 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> None:
-        self.model.validate()
+        try:
+            self.model.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if not self.data.shards:
             raise ConfigError("data.shards: give at least one folder made by `dupmae prepare`")
         if self.data.weights is not None and len(self.data.weights) != len(self.data.shards):

@@ -79,10 +79,19 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
                               f"{world_size} ranks); set the batch in the recipe, or make them agree")
     if "optimizer" in user or "scheduler" in user:
         raise ConfigError(f"{path}: 'optimizer' and 'scheduler' come from the recipe's [optim] section")
+    return _merge_user_config(ours, user, path)
+
+
+def _merge_user_config(ours: dict, user: dict, path: Path, prefix: str = "") -> dict:
+    """The user's keys added to ours; a key the recipe also sets must agree (no silent precedence)."""
     merged = dict(ours)
     for key, value in user.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = {**merged[key], **value}
+            merged[key] = _merge_user_config(merged[key], value, path, f"{prefix}{key}.")
+        elif key in merged and merged[key] != value:
+            raise ConfigError(f"{path}: {prefix}{key} = {json.dumps(value)} contradicts the recipe's "
+                              f"{json.dumps(merged[key])}; set it in the recipe (see deepspeed.json in the run dir "
+                              "for what the recipe generates), or remove it from the JSON")
         else:
             merged[key] = value
     return merged
@@ -103,6 +112,22 @@ def lr_lambda(cfg: RunConfig):
         return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def skippable(optimizer_cls: type) -> type:
+    """`optimizer_cls` whose step() does nothing while `skip` is set: a skipped (non-finite) step must not
+    touch the moments or the step count either. DeepSpeed's ZeRO wrappers call step() of this optimizer."""
+
+    class Skippable(optimizer_cls):
+        skip = False
+
+        def step(self, *args, **kwargs):
+            if self.skip:
+                return None
+            return super().step(*args, **kwargs)
+
+    Skippable.__name__ = Skippable.__qualname__ = f"Skippable{optimizer_cls.__name__}"
+    return Skippable
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -162,9 +187,11 @@ class Trainer:
         if cfg.zero.offload_optimizer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            optimizer = DeepSpeedCPUAdam(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True)
+            optimizer = skippable(DeepSpeedCPUAdam)(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                                    adamw_mode=True)
         else:
-            optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+            optimizer = skippable(torch.optim.AdamW)(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        self.base_optimizer = optimizer
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         self.ds_config = deepspeed_config(cfg, self.world)
         resume = self._find_checkpoint()
@@ -248,6 +275,14 @@ class Trainer:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
+    def _grad_norm_zero0(self) -> float | None:
+        """The global gradient norm before clipping, which DeepSpeed does not keep at ZeRO stage 0 (the
+        gradients are already averaged over ranks when the last backward of a step returns)."""
+        if self.cfg.zero.stage != 0:
+            return None
+        norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
     def _zero_loss(self) -> torch.Tensor:
         """A loss whose gradient is exactly zero for every parameter, for a step being skipped."""
         return sum(p.sum() for p in self.engine.module.parameters() if p.requires_grad) * 0.0
@@ -307,10 +342,11 @@ class Trainer:
                     if not skipped:
                         parts += torch.tensor([out.loss.item(), out.mlm_loss.item(), out.dec_loss.item(),
                                                out.bow_loss.item()], dtype=torch.float64)
-                    if i == accum - 1 and skipped:
-                        for group in self.optimizer.param_groups:
-                            group["lr"] = 0.0  # no update this step; the scheduler restores the lr
+                    if i == accum - 1:
+                        gnorm = self._grad_norm_zero0()  # ZeRO-0: DeepSpeed clears the grads in step()
+                        self.base_optimizer.skip = skipped
                     self.engine.step()
+                self.base_optimizer.skip = False
                 self.step += 1
                 self.sampler.consumed_samples += self.sampler.global_batch
                 if skipped:
@@ -323,7 +359,8 @@ class Trainer:
                         return EXIT_BAD_LOSS
                     continue
                 loss, mlm, dec, bow = (v / (world * accum) for v in distributed.all_reduce(parts.tolist()))
-                gnorm = self.engine.get_global_grad_norm()
+                if gnorm is None:
+                    gnorm = self.engine.get_global_grad_norm()
                 gnorm = float(gnorm) if gnorm is not None else float("nan")
                 dt_step = time.perf_counter() - t0
                 window["time"] += dt_step

@@ -136,3 +136,64 @@ def wide_tokenizer(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tokenizers") / "wide"
     fast.save_pretrained(str(path))
     return path
+
+
+# -- the trainer's tests: tiny shards from the real corpus and tiny-model TOML recipes ------------------
+
+TINY_ENCODER = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=64, max_position_embeddings=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """The first 3,000 WordNet documents prepared at max_len 32 (one shard, about 3,300 samples). Read-only."""
+    root = tmp_path_factory.mktemp("tiny-shards")
+    src = root / "wordnet-3000.jsonl"
+    with open(WORDNET, "rb") as f:
+        src.write_bytes(b"".join(next(f) for _ in range(3000)))
+    out = root / "wordnet-32"
+    run_prepare([src], out, max_len=32, docs_per_shard=100_000)
+    return out
+
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (str, Path)):
+        return json.dumps(str(v))
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + " }"
+    raise TypeError(type(v))
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe(tiny_shards):
+    """`tiny_recipe(path, run_dir, dropout=True, train={"max_steps": 8}, ...)` writes a TOML recipe for a
+    2-layer, 32-wide BERT on `tiny_shards` (fp32, reference kernels, no DataLoader workers, a log line and
+    TensorBoard scalars every step, only the final checkpoint); keyword sections update the defaults."""
+
+    def make(path: Path, run_dir: Path, dropout: bool = True, **sections) -> Path:
+        encoder = dict(TINY_ENCODER)
+        if not dropout:
+            encoder.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        recipe = {
+            "model": {"encoder_config": encoder, "kernels": "reference"},
+            "data": {"shards": [str(tiny_shards)], "micro_batch": 4, "num_workers": 0},
+            "train": {"run_dir": str(run_dir), "max_steps": 6, "precision": "fp32"},
+            "checkpoint": {"every": 1000},
+            "logging": {"every": 1, "tensorboard": True},
+        }
+        for section, values in sections.items():
+            recipe.setdefault(section, {}).update(values)
+        text = "\n".join(f"[{s}]\n" + "\n".join(f"{k} = {_toml(v)}" for k, v in vals.items()) + "\n"
+                         for s, vals in recipe.items())
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return make
