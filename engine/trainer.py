@@ -287,6 +287,44 @@ class Trainer:
         """A loss whose gradient is exactly zero for every parameter, for a step being skipped."""
         return sum(p.sum() for p in self.engine.module.parameters() if p.requires_grad) * 0.0
 
+    def _batch_counts(self, micro: list[dict]) -> list[float]:
+        """This rank's [masked tokens, decoder tokens, samples, real tokens, analytic FLOPs] of a step."""
+        counts = [0.0] * 5
+        for b in micro:
+            mlm, dec = int((b["labels"] != -100).sum()), int((b["decoder_labels"] != -100).sum())
+            for i, v in enumerate((mlm, dec, len(b["lengths"]), int(b["lengths"].sum()),
+                                   step_flops(self.model.config, tuple(b["input_ids"].shape), mlm, dec))):
+                counts[i] += v
+        return counts
+
+    def _optimizer_step(self, micro: list[dict], glob: list[float]) -> tuple[list[float], float, float, bool]:
+        """Forward/backward of this rank's micro batches and one optimizer step.
+
+        Losses are divided by the global batch's counts (`glob`), times ranks x accumulation steps because
+        DeepSpeed averages gradients over ranks and scales each backward by 1/grad_accum. If any rank sees a
+        non-finite loss, every rank backpropagates an exact zero from then on and the optimizer skips.
+        Returns (summed loss parts of this rank, lr used, grad norm or None, skipped)."""
+        scale = self.world * self.cfg.data.grad_accum
+        denominators = {"mlm": glob[0] / scale, "dec": glob[1] / scale, "samples": glob[2] / scale}
+        parts = [0.0] * 4
+        lr = self.optimizer.param_groups[0]["lr"]
+        skipped, gnorm = False, None
+        for i, b in enumerate(micro):
+            out = self.engine(self._to_device(b), denominators=denominators)
+            skipped |= bool(distributed.all_reduce([0.0 if bool(torch.isfinite(out.loss)) else 1.0], op="max")[0])
+            self.engine.backward(self._zero_loss() if skipped else out.loss)
+            if not skipped:
+                for k, v in enumerate((out.loss, out.mlm_loss, out.dec_loss, out.bow_loss)):
+                    parts[k] += v.item()
+            if i == len(micro) - 1:
+                gnorm = self._grad_norm_zero0()  # ZeRO-0: DeepSpeed clears the grads in step()
+                self.base_optimizer.skip = skipped
+            self.engine.step()
+        self.base_optimizer.skip = False
+        if gnorm is None and not skipped:
+            gnorm = self.engine.get_global_grad_norm()
+        return parts, lr, float(gnorm) if gnorm is not None else float("nan"), skipped
+
     def train(self) -> int:
         cfg = self.cfg
         accum, world = cfg.data.grad_accum, self.world
@@ -320,33 +358,8 @@ class Trainer:
                     tw = time.perf_counter()
                     micro.append(next(batches))
                     wait += time.perf_counter() - tw
-                local = [sum(float((b["labels"] != -100).sum()) for b in micro),
-                         sum(float((b["decoder_labels"] != -100).sum()) for b in micro),
-                         float(sum(len(b["lengths"]) for b in micro)),
-                         sum(float(b["lengths"].sum()) for b in micro),
-                         sum(step_flops(self.model.config, tuple(b["input_ids"].shape),
-                                        int((b["labels"] != -100).sum()), int((b["decoder_labels"] != -100).sum()))
-                             for b in micro)]
-                glob = distributed.all_reduce(local)
-                # DeepSpeed averages gradients over ranks and scales by 1/grad_accum: compensate
-                denominators = {"mlm": glob[0] / (world * accum), "dec": glob[1] / (world * accum),
-                                "samples": glob[2] / (world * accum)}
-                parts = torch.zeros(4, dtype=torch.float64)
-                lr = self.optimizer.param_groups[0]["lr"]
-                skipped = False
-                for i, b in enumerate(micro):
-                    out = self.engine(self._to_device(b), denominators=denominators)
-                    bad = distributed.all_reduce([0.0 if bool(torch.isfinite(out.loss)) else 1.0], op="max")[0]
-                    skipped |= bool(bad)
-                    self.engine.backward(self._zero_loss() if skipped else out.loss)
-                    if not skipped:
-                        parts += torch.tensor([out.loss.item(), out.mlm_loss.item(), out.dec_loss.item(),
-                                               out.bow_loss.item()], dtype=torch.float64)
-                    if i == accum - 1:
-                        gnorm = self._grad_norm_zero0()  # ZeRO-0: DeepSpeed clears the grads in step()
-                        self.base_optimizer.skip = skipped
-                    self.engine.step()
-                self.base_optimizer.skip = False
+                glob = distributed.all_reduce(self._batch_counts(micro))
+                parts, lr, gnorm, skipped = self._optimizer_step(micro, glob)
                 self.step += 1
                 self.sampler.consumed_samples += self.sampler.global_batch
                 if skipped:
@@ -358,10 +371,7 @@ class Trainer:
                                  "check the data with `dupmae inspect`, or raise train.max_bad_steps)")
                         return EXIT_BAD_LOSS
                     continue
-                loss, mlm, dec, bow = (v / (world * accum) for v in distributed.all_reduce(parts.tolist()))
-                if gnorm is None:
-                    gnorm = self.engine.get_global_grad_norm()
-                gnorm = float(gnorm) if gnorm is not None else float("nan")
+                loss, mlm, dec, bow = (v / (world * accum) for v in distributed.all_reduce(parts))
                 dt_step = time.perf_counter() - t0
                 window["time"] += dt_step
                 window["wait"] += wait
