@@ -28,8 +28,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .philox import decoder_visibility
 
-VOCAB_CHUNK = 4096
-TOKEN_CHUNK = 1024
+VOCAB_CHUNK = 2048
+TOKEN_CHUNK = 256
 ROW_CHUNK = 128
 
 
@@ -48,8 +48,8 @@ class _BowMaxPool(torch.autograd.Function):
             v1 = min(v0 + vocab_chunk, V)
             logits = torch.matmul(hidden, weight[v0:v1].t())
             if bias is not None:
-                logits = logits + bias[v0:v1]
-            logits = logits.masked_fill(invalid, neg_inf)
+                logits += bias[v0:v1]
+            logits.masked_fill_(invalid, neg_inf)
             mu[:, v0:v1], argmax[:, v0:v1] = logits.max(dim=1)
         ctx.save_for_backward(hidden, weight, argmax)
         ctx.has_bias = bias is not None
@@ -135,12 +135,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             y = labels[idx]
             logits = torch.matmul(h, weight.t())
             if bias is not None:
-                logits = logits + bias
+                logits += bias
             logits = logits.to(acc)
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
             if want_grad:
-                grad = torch.softmax(logits, dim=-1)
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place: one V-wide buffer per chunk
                 grad[torch.arange(len(idx), device=grad.device), y] -= 1.0
                 grad = grad.to(hidden.dtype)
                 dhidden[idx] = torch.matmul(grad, weight)
