@@ -10,6 +10,8 @@ after a warm-up step, the kernel's resident high-water mark is reset (`/proc/sel
 the growth of the high-water mark over the resident size during the next forward+backward step is
 reported, so weights, gradients and the batch are not counted. Time: the median of --repeats steps.
 Goals (CPU): DupMAE's peak memory at least 5x lower at L=512; its time no worse than the naive one.
+A third row, "encoder", runs the bare BERT encoder (forward + backward, no head): the memory and time both
+implementations share, so the heads' own cost is the difference.
 """
 from __future__ import annotations
 
@@ -95,7 +97,11 @@ def run_one(shape: str, impl: str, repeats: int) -> dict:
 
     def step():
         model.zero_grad(set_to_none=True)
-        loss = model(batch).loss if impl == "dupmae" else naive_losses(model, batch)["total"]
+        if impl == "encoder":  # the bare BERT encoder, no head: the memory both implementations share
+            hidden = model.lm.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            loss = hidden.last_hidden_state.float().pow(2).mean()
+        else:
+            loss = model(batch).loss if impl == "dupmae" else naive_losses(model, batch)["total"]
         loss.backward()
         return loss.item()
 
@@ -127,7 +133,7 @@ def main() -> None:
     machine = f"{platform.node()} {os.cpu_count()} cpu, no GPU"
     rows = []
     for shape in args.shape or SHAPES:
-        for impl in ("dupmae", "naive"):
+        for impl in ("dupmae", "naive", "encoder"):
             out = subprocess.run([sys.executable, __file__, "--child", shape, impl, "--repeats", str(args.repeats)],
                                  capture_output=True, text=True, check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
