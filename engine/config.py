@@ -200,7 +200,7 @@ def parse_override(text: str) -> tuple[str, str, object]:
     return parts[0], parts[1], value
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), base_dir: str | Path | None = None) -> RunConfig:
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     cfg = RunConfig()
     data: dict = {}
     if path is not None:

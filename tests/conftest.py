@@ -197,3 +197,12 @@ def tiny_recipe(tiny_shards):
         return path
 
     return make
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a test's rendezvous."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

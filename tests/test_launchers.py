@@ -2,51 +2,22 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
-from dupmae.data_pipeline.prepare import PrepareConfig, prepare
 from dupmae.engine.distributed import map_launcher_env
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-RECIPE = """
-[model]
-encoder_config = {{ vocab_size = 30522, hidden_size = 32, num_hidden_layers = 1, num_attention_heads = 2, intermediate_size = 64, max_position_embeddings = 64 }}
-kernels = "reference"
-[data]
-shards = ["{shards}"]
-micro_batch = 4
-num_workers = 0
-[train]
-max_steps = 3
-dist_timeout_s = 60
-[logging]
-every = 1
-tensorboard = false
-"""
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def recipe(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("launchers")
-    src = tmp / "docs.jsonl"
-    with open(REPO / "data" / "wordnet" / "corpus.jsonl") as f, open(src, "w") as g:
-        g.writelines(line for _, line in zip(range(500), f))
-    prepare(PrepareConfig([str(src)], str(tmp / "shards"), max_len=32, workers=1, progress=False), log=lambda m: None)
-    path = tmp / "tiny.toml"
-    path.write_text(RECIPE.format(shards=tmp / "shards"))
-    return path
+@pytest.fixture
+def recipe(tmp_path, tiny_recipe):
+    return tiny_recipe(tmp_path / "tiny.toml", tmp_path / "unused", train={"max_steps": 3, "dist_timeout_s": 60},
+                       logging={"every": 1, "tensorboard": False})
 
 
 def _clean_env() -> dict:
@@ -76,7 +47,7 @@ def test_slurm_variables_are_mapped_when_rank_is_absent():
 @pytest.mark.timeout(300)
 def test_two_processes_with_only_slurm_variables(recipe, tmp_path):
     """What `srun --ntasks 2 dupmae pretrain ...` (or deepspeed --launcher slurm) hands each task."""
-    port = _port()
+    port = free_port()
     procs = []
     for r in range(2):
         env = _clean_env() | {"SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r),

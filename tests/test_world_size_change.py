@@ -2,48 +2,20 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
-from dupmae.data_pipeline.prepare import PrepareConfig, prepare
-
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-RECIPE = """
-[model]
-encoder_config = {{ vocab_size = 30522, hidden_size = 32, num_hidden_layers = 2, num_attention_heads = 2, intermediate_size = 64, max_position_embeddings = 64, hidden_dropout_prob = 0.0, attention_probs_dropout_prob = 0.0 }}
-kernels = "reference"
-[data]
-shards = ["{shards}"]
-micro_batch = 4
-num_workers = 0
-[train]
-max_steps = 6
-dist_timeout_s = 60
-[zero]
-stage = 2
-[logging]
-every = 1
-tensorboard = false
-[checkpoint]
-every = 100
-"""
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(args: list[str], ranks: int) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if ranks > 1:
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--no_local_rank", "--master_port", str(_port()),
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--no_local_rank", "--master_port", str(free_port()),
                str(BIN / "dupmae"), *args]
     else:
         cmd = [str(BIN / "dupmae"), *args]
@@ -58,14 +30,10 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 @pytest.mark.distributed
 @pytest.mark.timeout(600)
-def test_two_ranks_to_one_through_universal_checkpoint(tmp_path):
-    src = tmp_path / "docs.jsonl"
-    with open(REPO / "data" / "wordnet" / "corpus.jsonl") as f, open(src, "w") as g:
-        g.writelines(line for _, line in zip(range(1500), f))
-    shards = tmp_path / "shards"
-    prepare(PrepareConfig([str(src)], str(shards), max_len=32, workers=1, progress=False), log=lambda m: None)
-    recipe = tmp_path / "tiny.toml"
-    recipe.write_text(RECIPE.format(shards=shards))
+def test_two_ranks_to_one_through_universal_checkpoint(tmp_path, tiny_recipe):
+    recipe = tiny_recipe(tmp_path / "tiny.toml", tmp_path / "unused", dropout=False,
+                         train={"max_steps": 6, "dist_timeout_s": 60}, zero={"stage": 2},
+                         logging={"every": 1, "tensorboard": False}, checkpoint={"every": 100})
 
     full, moved = tmp_path / "full", tmp_path / "moved"
     _run(["pretrain", "-c", str(recipe), f"train.run_dir={full}"], ranks=2)
