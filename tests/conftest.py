@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from dupmae.data_pipeline.prepare import PrepareConfig, prepare
+from dupmae.engine.config import _toml_value
 from dupmae.data_pipeline.shards import Shard
 from dupmae.data_pipeline.tokenizer import load_fast_tokenizer, resolve_tokenizer_path
 
@@ -156,20 +157,6 @@ def tiny_shards(tmp_path_factory) -> Path:
     return out
 
 
-def _toml(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, (str, Path)):
-        return json.dumps(str(v))
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + " }"
-    raise TypeError(type(v))
-
-
 @pytest.fixture(scope="session")
 def tiny_recipe(tiny_shards):
     """`tiny_recipe(path, run_dir, dropout=True, train={"max_steps": 8}, ...)` writes a TOML recipe for a
@@ -189,7 +176,7 @@ def tiny_recipe(tiny_shards):
         }
         for section, values in sections.items():
             recipe.setdefault(section, {}).update(values)
-        text = "\n".join(f"[{s}]\n" + "\n".join(f"{k} = {_toml(v)}" for k, v in vals.items()) + "\n"
+        text = "\n".join(f"[{s}]\n" + "\n".join(f"{k} = {_toml_value(v)}" for k, v in vals.items()) + "\n"
                          for s, vals in recipe.items())
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
