@@ -235,7 +235,8 @@ class Trainer:
         saved_world = marker.get("world_size", self.world)
         if saved_world == self.world:
             return tag, tag
-        saved_global = marker.get("consumed_samples", 0) // max(int(tag[4:]), 1) if int(tag[4:]) else None
+        saved_step = marker.get("step", 0)
+        saved_global = marker.get("consumed_samples", 0) // saved_step if saved_step else None
         if saved_global and saved_global != self.sampler.global_batch:
             raise ConfigError(f"{self.ckpt_dir / tag} was trained with a global batch of {saved_global}; this job's "
                               f"is {self.sampler.global_batch}: set data.micro_batch x data.grad_accum x ranks "
