@@ -71,6 +71,33 @@ def _run_pretrain(args) -> int:
     return run(load_config(args.config, args.overrides))
 
 
+def _add_launch(sub) -> None:
+    p = sub.add_parser("launch", help="run pre-training through the deepspeed launcher (hostfile, Slurm)",
+                       description="Build and run the deepspeed launcher command for a pre-training run.")
+    from dupmae.cluster.launch import add_arguments, run_from_args
+
+    add_arguments(p)
+    p.set_defaults(func=run_from_args)
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="a run or checkpoint -> a Hugging Face model folder",
+                       description="Consolidate a checkpoint (any ZeRO stage) to fp32 and write a Hugging Face folder.")
+    from dupmae.engine.export import add_arguments, run_from_args
+
+    add_arguments(p)
+    p.set_defaults(func=run_from_args)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="retrieval evaluation on BEIR-layout data (dense, BoW, hybrid, BM25)",
+                       description="Evaluate an exported model as a retriever: NDCG@10, MRR@10, Recall@100.")
+    from dupmae.engine.evaluate import add_arguments, run_from_args
+
+    add_arguments(p)
+    p.set_defaults(func=run_from_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -84,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_inspect(sub)
     _add_pretrain(sub)
+    _add_launch(sub)
+    _add_export(sub)
+    _add_eval(sub)
     return parser
 
 
@@ -93,11 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     from dupmae.data_pipeline.readers import InputError
     from dupmae.data_pipeline.shards import ShardError
     from dupmae.data_pipeline.tokenizer import TokenizerError
+    from dupmae.cluster.launch import LaunchError
     from dupmae.engine.config import ConfigError
+    from dupmae.engine.evaluate import EvalError
+    from dupmae.engine.export import ExportError
 
     try:
         return int(args.func(args) or 0)
-    except (PrepareError, InputError, ShardError, TokenizerError, ConfigError) as e:
+    except (PrepareError, InputError, ShardError, TokenizerError, ConfigError, LaunchError, ExportError,
+            EvalError) as e:
         print(f"dupmae {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
