@@ -114,8 +114,22 @@ class DupMAE(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> "DupMAE":
+        """The model of `cfg`. When `cfg.encoder` is a folder written by `dupmae export`, its enhanced decoder
+        is restored too, so pre-training continues from the export rather than from a fresh decoder."""
         cfg.validate()
-        return cls(load_masked_lm(cfg), cfg)
+        model = cls(load_masked_lm(cfg), cfg)
+        if cfg.encoder is not None:
+            from pathlib import Path
+
+            from dupmae.data_pipeline.tokenizer import resolve_tokenizer_path
+
+            side = Path(resolve_tokenizer_path(cfg.encoder)) / "enhanced_decoder.safetensors"
+            if side.is_file():
+                from safetensors.torch import load_file
+
+                model.enhanced_decoder.load_state_dict(load_file(str(side)), strict=True)
+                log.info("enhanced decoder restored from %s", side)
+        return model
 
     @property
     def config(self):
