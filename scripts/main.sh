@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded default data: set up, prepare the WordNet corpus into shards, inspect them,
-# then pre-train DupMAE (configs/demo-cpu.toml) on 2 ranks through the deepspeed launcher.
+# pre-train DupMAE (configs/demo-cpu.toml) on 2 ranks through the deepspeed launcher, export the result as a
+# Hugging Face folder, and evaluate it as a retriever (dense, BoW, hybrid, and BM25 beside it) on the
+# embedded WordNet retrieval task (data/wordnet/README.md).
 # Running it again resumes the run from its newest checkpoint (delete work/runs/demo-cpu to start over).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -20,8 +22,18 @@ deepspeed --num_gpus "$ranks" --no_local_rank --master_port "$port" "$(command -
   pretrain --config configs/demo-cpu.toml "$@"
 
 run=work/runs/demo-cpu
+dupmae export "$run" work/exports/demo-cpu --overwrite
+
+# The WordNet task: 1,000 usage-example queries, each judged relevant to its synset's definition. On a CPU
+# the corpus is a seeded sample (all judged documents + distractors) so this step takes a few minutes;
+# drop --max-queries/--max-documents for the full 38,488-document corpus.
+dupmae eval --model work/exports/demo-cpu --data data/wordnet --max-queries 300 --max-documents 3000 \
+  --out "$run/eval-wordnet.json" --cache-dir work/cache/embeddings
+
 echo
 echo "Run directory: $run"
 echo "  metrics:     $run/metrics.jsonl (one line per step)"
 echo "  checkpoints: $run/checkpoints ($(cat $run/checkpoints/latest_complete 2>/dev/null || echo none) is the newest)"
 echo "  TensorBoard: tensorboard --logdir $run/tensorboard   (then open http://localhost:6006)"
+echo "  export:      work/exports/demo-cpu (transformers.AutoModelForMaskedLM loads it as it is)"
+echo "  evaluation:  $run/eval-wordnet.json"

@@ -258,3 +258,18 @@ def test_eval_cli_prints_the_table_and_writes_the_report(tmp_path, tiny_model):
     proc = subprocess.run([str(BIN / "dupmae"), "eval", "--model", str(tiny_model), "--data", str(folder),
                            "--modes", "dense,sparse"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown sparse" in proc.stderr
+
+
+def test_subsample_keeps_every_judged_document(tmp_path):
+    from dupmae.engine.evaluate import subsample
+
+    corpus = [{"_id": f"d{i}", "text": f"document number {i}"} for i in range(50)]
+    queries = [{"_id": f"q{i}", "text": f"query {i}"} for i in range(10)]
+    qrels = [f"q{i}\td{5 * i}\t1" for i in range(10)]
+    data = load_beir(write_beir(tmp_path, corpus, queries, qrels))
+    small = subsample(data, max_queries=4, max_documents=12)
+    assert small.query_ids == ["q0", "q1", "q2", "q3"] and set(small.qrels) == set(small.query_ids)
+    assert len(small.corpus_ids) == 12 and {"d0", "d5", "d10", "d15"} <= set(small.corpus_ids)
+    assert small.corpus_ids == [d for d in data.corpus_ids if d in set(small.corpus_ids)]  # corpus order
+    assert subsample(data, 4, 12).corpus_ids == small.corpus_ids  # seeded: the same sample every time
+    assert subsample(data, None, 1000).corpus_ids == data.corpus_ids
