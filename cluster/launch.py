@@ -94,7 +94,7 @@ class Plan:
     command: list[str]
     runner: str  # local | pdsh | openmpi | slurm | no-ssh
     launch_dir: Path
-    hosts: OrderedDict[str, list[int]] = field(default_factory=OrderedDict)  # empty: this machine
+    hosts: OrderedDict[str, list[int]] = field(default_factory=OrderedDict)  # host -> slot ids used
     hostfile_text: str | None = None  # written to launch_dir/hostfile
     master_addr: str = "127.0.0.1"
     master_port: int = DEFAULT_PORT
@@ -125,10 +125,10 @@ def _run(args) -> int:
         return _write_batch_script(args, cfg)
     plan = plan_launch(args, cfg, probe=not args.dry_run)
     plan.launch_dir.mkdir(parents=True, exist_ok=True)
-    (plan.launch_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+    _write(plan.launch_dir / "config.toml", to_toml(cfg))
     if plan.hostfile_text is not None:
-        (plan.launch_dir / "hostfile").write_text(plan.hostfile_text, encoding="utf-8")
-    plan.env_file.write_text("".join(f"{k}={v}\n" for k, v in plan.variables.items()), encoding="utf-8")
+        _write(plan.launch_dir / "hostfile", plan.hostfile_text)
+    _write(plan.env_file, "".join(f"{k}={v}\n" for k, v in plan.variables.items()))
     for note in plan.notes:
         print(f"[launch] {note}", file=sys.stderr)
     print(f"[launch] {shlex.join(plan.command)}", flush=True)
@@ -138,8 +138,15 @@ def _run(args) -> int:
     if plan.runner in ("pdsh", "openmpi"):
         env["DS_ENV_FILE"] = str(plan.env_file)  # an absolute name: DeepSpeed reads it instead of ./.deepspeed_env
     sys.stderr.flush()
-    os.execvpe(plan.command[0], plan.command, env)
-    return 1  # not reached
+    os.execvpe(plan.command[0], plan.command, env)  # never returns
+
+
+def _write(path: Path, text: str) -> None:
+    """Replace `path` whole: with --no-ssh every node writes the same files on a shared disk while ranks
+    of nodes already started read them."""
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def check_batch_sizes(cfg, world_size: int) -> None:
