@@ -127,3 +127,18 @@ def decoder_visibility(
     visible &= j[None, None, :] < lengths.to(torch.int64)[:, None, None]
     visible &= j[None, None, :] != i[None, :, None]
     return visible
+
+
+def attention_dropout_keep(seed: int, batch: int, heads: int, length: int, p: float,
+                           device: torch.device | str = "cpu") -> torch.Tensor:
+    """The Triton attention's probability dropout, as an explicit (B, H, L, L) bool tensor (True: kept).
+
+    Head h of sample b draws with the seed `seed + b * heads + h` and counter `i * length + j` for query row i
+    and key j: kept where rand >= p (p rounded to float32, as a kernel argument is). `seed` comes from torch's
+    generator once per call, so torch.manual_seed makes the draws reproducible."""
+    if length * length >= 1 << 31:
+        raise ValueError(f"sequence length {length} too long for 32-bit dropout counters")
+    bh = torch.arange(batch * heads, device=device, dtype=torch.int64).reshape(batch, heads, 1, 1) + seed
+    i = torch.arange(length, device=device, dtype=torch.int64)
+    u = rand(bh, i[:, None] * length + i[None, :])
+    return u >= torch.tensor(p, dtype=torch.float32, device=device)
