@@ -23,10 +23,10 @@ from ._triton_util import acc_dtype, interpreting, upcast_for_interpreter
 
 class _LigerLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, reduction):
+    def forward(ctx, hidden, weight, bias, labels, reduction, grad_enabled):
         from liger_kernel.ops.fused_linear_cross_entropy import fused_linear_cross_entropy_forward
 
-        want = any(ctx.needs_input_grad[:3])
+        want = grad_enabled and any(ctx.needs_input_grad[:3])  # needs_input_grad ignores torch.no_grad
         loss, _, _, _, dhidden, dweight, dbias = fused_linear_cross_entropy_forward(
             _input=hidden, weight=weight, target=labels, bias=bias, ignore_index=-100, reduction=reduction,
             accum_dtype=acc_dtype(hidden.dtype), compute_gradients=want,
@@ -41,7 +41,7 @@ class _LigerLinearCrossEntropy(torch.autograd.Function):
         grads = [next(saved) if ok else None for ok in ctx.has]
         grads = [None if g is None or not need else g * dloss.to(g.dtype)
                  for g, need in zip(grads, ctx.needs_input_grad[:3])]
-        return (*grads, None, None)
+        return (*grads, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -58,4 +58,4 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     labels = labels.to(torch.int64).contiguous()
     if interpreting(hidden):  # the loss is float32 for 16-bit inputs anyway: nothing to cast back
         (hidden, weight, bias), _ = upcast_for_interpreter(hidden, weight, bias)
-    return _LigerLinearCrossEntropy.apply(hidden, weight, bias, labels, reduction)
+    return _LigerLinearCrossEntropy.apply(hidden, weight, bias, labels, reduction, torch.is_grad_enabled())

@@ -117,11 +117,11 @@ def bow_loss(mu: torch.Tensor, bow_ids: torch.Tensor, bow_mask: torch.Tensor, bo
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, token_chunk, reduction):
+    def forward(ctx, hidden, weight, bias, labels, token_chunk, reduction, grad_enabled):
         N, D = hidden.shape
         keep = labels != -100
         count = int(keep.sum())
-        want_grad = any(ctx.needs_input_grad[:3])
+        want_grad = grad_enabled and any(ctx.needs_input_grad[:3])  # needs_input_grad ignores torch.no_grad
         acc = torch.promote_types(hidden.dtype, torch.float32)  # low-precision inputs accumulate in fp32
         dhidden = torch.zeros_like(hidden) if want_grad else None
         dweight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_grad else None
@@ -166,6 +166,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -176,7 +177,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     than token_chunk x V logits."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, token_chunk or TOKEN_CHUNK, reduction)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, token_chunk or TOKEN_CHUNK, reduction,
+                                     torch.is_grad_enabled())
 
 
 # ---- the enhanced decoder's attention -------------------------------------------------------------------
