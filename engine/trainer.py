@@ -329,6 +329,9 @@ class Trainer:
     def train(self) -> int:
         cfg = self.cfg
         accum, world = cfg.data.grad_accum, self.world
+        # before the DataLoader forks its workers: they inherit the flag-only handler, so a signal sent to
+        # every process of a rank (scancel --signal, Slurm's time-limit TERM) does not kill them mid-batch
+        self.install_signal_handlers()
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=self.sampler, collate_fn=self.collator,
             num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
@@ -337,7 +340,6 @@ class Trainer:
             # or a resumed run (RNG restored, then iterator created) would drift from an uninterrupted one
             generator=torch.Generator().manual_seed(cfg.data.seed))
         batches = iter(loader)
-        self.install_signal_handlers()
         peak = device_peak_flops()
         metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") if self.rank == 0 else None
         window = {"time": 0.0, "wait": 0.0, "tokens": 0.0, "samples": 0.0, "flops": 0.0, "steps": 0}

@@ -149,10 +149,10 @@ def test_launch_over_pdsh_with_a_two_host_hostfile(local_cluster, work, referenc
 
 
 @pytest.mark.timeout(420)
-# per-node: with a DataLoader worker per rank, which the forwarded USR1 reaches too (it signals every process
-# of the step) and which must survive it. dslauncher: srun starts the ranks with USR1's default action, and
-# a worker forked before the trainer installs its handler would die of it (see cluster/README.md).
-@pytest.mark.parametrize("script, workers", [(PER_NODE, 1), (DSLAUNCHER, 0)], ids=["per-node", "dslauncher"])
+# Both with a DataLoader worker per rank, which the forwarded USR1 reaches too (it signals every process of
+# the step) and which must survive it. dslauncher: srun starts the ranks with USR1's default action, so this
+# holds only because the trainer installs its flag-only handler before the workers are forked.
+@pytest.mark.parametrize("script, workers", [(PER_NODE, 1), (DSLAUNCHER, 1)], ids=["per-node", "dslauncher"])
 def test_preempted_job_saves_requeues_and_resumes_exactly(local_cluster, work, reference, script, workers):
     """USR1 to the batch script (what `#SBATCH --signal=B:USR1@120` delivers before a time limit) ->
     forwarded to the ranks -> checkpoint -> exit 75 -> `scontrol requeue` -> the same job resumes and ends
