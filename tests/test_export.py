@@ -4,6 +4,7 @@ held-out losses the trainer logged at its last step must come out of the exporte
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 from dupmae.engine.export import DECODER_FILE, SETTINGS_FILE, ExportError, export
 
@@ -19,22 +21,13 @@ STEPS = 4
 EVAL = {"data": {"eval_samples": 24}, "train": {"max_steps": STEPS, "eval_every": STEPS, "eval_batches": 6}}
 
 
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train(tmp: Path, tiny_recipe, name: str, stage: int, ranks: int) -> Path:
     run_dir = tmp / name
     recipe = tiny_recipe(tmp / f"{name}.toml", run_dir, dropout=True, zero={"stage": stage}, **EVAL)
     cmd = [str(BIN / "dupmae"), "pretrain", "--config", str(recipe)]
     if ranks == 2:
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--no_local_rank", "--master_port", str(_port()), *cmd]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
-                                                                               "OMP_NUM_THREADS": "1"})
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--no_local_rank", "--master_port", str(free_port()), *cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run_dir
 
