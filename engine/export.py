@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -166,7 +167,13 @@ def export(source: str | Path, out_dir: str | Path, tag: str | None = None, toke
     log(f"[export] {ckpt_dir / tag}: step {marker.get('step')}, saved by {marker.get('world_size')} rank(s)")
     state = consolidated_state_dict(ckpt_dir, tag)
     torch.manual_seed(0)
-    model = DupMAE.from_config(cfg.model)
+    model_log = logging.getLogger("dupmae.engine.model")
+    level = model_log.level
+    model_log.setLevel(logging.ERROR)  # "no MLM head, initialized fresh": the checkpoint's weights replace it
+    try:
+        model = DupMAE.from_config(cfg.model)
+    finally:
+        model_log.setLevel(level)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm.cls.predictions.decoder.weight", "lm.cls.predictions.decoder.bias", "lm.cls.predictions.bias"}
     missing = [k for k in missing if k not in tied or not any(t in state for t in tied - {k})]

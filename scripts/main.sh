@@ -27,7 +27,8 @@ dupmae export "$run" work/exports/demo-cpu --overwrite
 # The WordNet task: 1,000 usage-example queries, each judged relevant to its synset's definition. On a CPU
 # the corpus is a seeded sample (all judged documents + distractors) so this step takes a few minutes;
 # drop --max-queries/--max-documents for the full 38,488-document corpus.
-dupmae eval --model work/exports/demo-cpu --data data/wordnet --max-queries 300 --max-documents 3000 \
+# (one process: every core, not the one thread per rank that pre-training used)
+OMP_NUM_THREADS=$(nproc) dupmae eval --model work/exports/demo-cpu --data data/wordnet --max-queries 300 --max-documents 3000 \
   --out "$run/eval-wordnet.json" --cache-dir work/cache/embeddings
 
 echo
