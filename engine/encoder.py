@@ -35,6 +35,7 @@ class Representation:
     bow_top_k: int = 384  # entries of mu kept per document
     query_top_k: int = 0  # entries kept per query; 0: all of mu (the paper's score sums over the document's ids)
     max_length: int = 512
+    normalize: bool = False  # L2-normalize the dense vector (cosine scores; what sentence-embedding models use)
 
     def validate(self) -> None:
         if self.dense not in DENSE_MODES:
@@ -141,7 +142,8 @@ class DupMAEEncoder:
         return int(self.lm.config.vocab_size)
 
     def describe(self) -> dict:
-        return {"model": self.source, "dense": self.rep.dense, "bow_top_k": self.rep.bow_top_k,
+        return {"model": self.source, "dense": self.rep.dense, "normalize": self.rep.normalize,
+                "bow_top_k": self.rep.bow_top_k,
                 "query_top_k": self.rep.query_top_k, "max_length": self.rep.max_length,
                 "hidden_size": int(self.lm.config.hidden_size), "vocab_size": self.vocab_size}
 
@@ -158,6 +160,8 @@ class DupMAEEncoder:
         else:
             m = mask[:, :, None].to(hidden.dtype)
             dense = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+        if self.rep.normalize:
+            dense = torch.nn.functional.normalize(dense.float(), dim=-1)
         pred = self.lm.cls.predictions
         col = torch.arange(hidden.shape[1], device=self.device)[None, :]
         valid = mask.bool() & (col > 0)  # positions 1..len-1, as L_bow pools them

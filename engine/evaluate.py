@@ -279,6 +279,8 @@ def add_arguments(p) -> None:
     p.add_argument("--top-k", type=int, default=None, help="BoW entries kept per document (default: dupmae.json)")
     p.add_argument("--query-top-k", type=int, default=None, help="BoW entries kept per query (0: all)")
     p.add_argument("--dense", default=None, choices=["cls", "mean"], help="dense vector (default: dupmae.json)")
+    p.add_argument("--normalize", action="store_true", default=None,
+                   help="L2-normalize the dense vectors (cosine instead of dot product)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per text (default: dupmae.json)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--cache-dir", default=None,
@@ -315,7 +317,7 @@ def run_from_args(args) -> int:
     report = evaluate(args.model, args.data, args.split, modes, bm25=not args.no_bm25, batch_size=args.batch_size,
                       cache_dir=cache, bow_weight=args.bow_weight, skip_invalid=args.skip_invalid,
                       progress=not args.no_progress, log=log, bow_top_k=args.top_k, query_top_k=args.query_top_k,
-                      dense=args.dense, max_length=args.max_length, max_queries=args.max_queries,
+                      dense=args.dense, normalize=args.normalize, max_length=args.max_length, max_queries=args.max_queries,
                       max_documents=args.max_documents)
     sampled = " (a seeded sample)" if report["subsample"] else ""
     title = (f"{report['documents']:,} documents{sampled}, {report['queries']:,} queries "

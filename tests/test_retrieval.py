@@ -80,6 +80,9 @@ def test_encoder_settings_and_mean_pooling(tiny_model):
     got = encoder.encode(TEXTS[:2])
     np.testing.assert_allclose(got.dense, ((h * m).sum(1) / m.sum(1)).numpy(), rtol=1e-4, atol=1e-5)
     assert got.bow_ids.shape == (2, 5)
+    unit = DupMAEEncoder.from_pretrained(tiny_model, device="cpu", dense="mean", normalize=True).encode(TEXTS[:2])
+    np.testing.assert_allclose(unit.dense, got.dense / np.linalg.norm(got.dense, axis=1, keepdims=True),
+                               rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="dense"):
         DupMAEEncoder.from_pretrained(tiny_model, device="cpu", dense="max")
 
