@@ -220,7 +220,8 @@ def evaluate(model: str | Path | None, data_dir: str | Path, split: str = "test"
     data = load_beir(data_dir, split, skip_invalid=skip_invalid, log=log)
     if max_queries or max_documents:
         data = subsample(data, max_queries, max_documents)
-    n_judgments = sum(len(v) for q, v in data.qrels.items() if q in set(data.query_ids))
+    evaluated = set(data.query_ids)
+    n_judgments = sum(len(v) for q, v in data.qrels.items() if q in evaluated)
     log(f"[eval] {data.name}/{split}: {len(data.corpus_ids):,} documents, {len(data.query_ids):,} judged queries, "
         f"{n_judgments:,} judgments")
     report = {"data": str(Path(data_dir).resolve()), "split": split, "documents": len(data.corpus_ids),
