@@ -53,6 +53,12 @@ def main() -> int:
         ids = np.argpartition(-mu, kk - 1, axis=1)[:, :kk]
         return Encoded(dense, ids.astype(np.int32), np.take_along_axis(mu, ids, 1).astype(np.float32), vocab)
 
+    dense_scores = np.abs(queries.dense @ docs.dense.T)
+    bow_scores = np.abs(search(sparse(q_mu, queries.dense, 0), sparse(d_mu, docs.dense, k), "bow",
+                               k=len(docs))[0])
+    print(f"median |score|: dense {np.median(dense_scores):.1f}, BoW {np.median(bow_scores):.1f} "
+          f"({np.median(bow_scores) / np.median(dense_scores):.0f}x): an unscaled hybrid is about the BoW ranking")
+
     mean = d_mu.mean(0)
     variants = {"paper": (q_mu, d_mu, 0), f"query top-{k}": (q_mu, d_mu, k),
                 "corpus-centred": (q_mu - mean, d_mu - mean, 0),
