@@ -2,9 +2,10 @@
 pass that never writes the B x L x V logits; and its backward from dmu (B x V) and the saved argmax.
 
 Forward, one program per (sample b, block of BLOCK_V words): for each block of BLOCK_L positions up to the
-sample's last valid one, a BLOCK_L x BLOCK_V tile of logits is accumulated over D with `tl.dot` (fp32, or
-fp64 for fp64 inputs), the bias added, invalid positions set to -inf, and the running max and its first
-argmax updated. Programs are ordered sample-fastest, so the B programs of one word block read the same
+sample's last valid one, a BLOCK_V x BLOCK_L tile of logits (words x positions: the max then reduces along
+the dot's columns, inside threads, not across warps) is accumulated over D with `tl.dot` (fp32, or fp64 for
+fp64 inputs), the bias added, invalid positions set to -inf, and the running max and its first argmax
+updated. Programs are ordered sample-fastest, so the B programs of one word block read the same
 weight tiles while they are in L2.
 
 Backward, with no atomics and a fixed summation order (bit-for-bit deterministic):
@@ -28,6 +29,12 @@ from ._triton_util import (acc_dtype, dot_precision, interpreting, launch_config
 # stack bytes are printed by tests/test_kernels_compile.py, which compiles exactly these for sm_80 and sm_90)
 GPU_FWD = {"16bit": dict(BLOCK_L=128, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=4),
            "fp32": dict(BLOCK_L=64, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=2)}
+# Sequences of at most SHORT positions use 64-position tiles: with 128 the last tile of a sample is mostly
+# padding (L=150 computes 256 rows for ~130 valid ones) and the tile holds more registers (173-196 against 120:
+# two programs per SM instead of one). benchmarks/sass_model.py predicts 1.70 -> 1.38 ms for the forward at
+# B=128, L=150 and no change at L=512, where 128-position tiles stay (the larger dot, the common GEMM tile).
+SHORT = 256
+GPU_FWD_SHORT = dict(GPU_FWD, **{"16bit": dict(BLOCK_L=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=4)})
 GPU_DWEIGHT = {k: dict(BLOCK_V=64, BLOCK_D=128, num_warps=4, num_stages=2) for k in ("16bit", "fp32")}
 GPU_DHIDDEN = {k: dict(BLOCK_N=32, BLOCK_D=256, num_warps=4, num_stages=2) for k in ("16bit", "fp32")}
 # Interpreter settings: each program instance costs about a millisecond of Python, so few and large
@@ -55,19 +62,21 @@ def _bow_fwd_kernel(h_ptr, w_ptr, bias_ptr, valid_ptr, end_ptr, mu_ptr, arg_ptr,
     arg = tl.zeros((BLOCK_V,), tl.int32)
     for l0 in range(0, end, BLOCK_L):
         offs_l = l0 + offs_l0
-        logits = tl.zeros((BLOCK_L, BLOCK_V), ACC)
+        # the tile is computed transposed, words x positions, so that the max over positions runs along the
+        # accumulator's columns: within a thread and a lane quad, not across warps through shared memory
+        logits = tl.zeros((BLOCK_V, BLOCK_L), ACC)
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + offs_d0
-            h = tl.load(h_base + offs_l[:, None] * stride_hl + offs_d[None, :] * stride_hd,
-                        mask=(offs_l[:, None] < L) & (offs_d[None, :] < D), other=0.0)
-            wt = tl.load(w_ptr + offs_v[None, :] * stride_wv + offs_d[:, None] * stride_wd,
-                         mask=v_in[None, :] & (offs_d[:, None] < D), other=0.0)
-            logits = tl.dot(h, wt, logits, input_precision=PRECISION, out_dtype=ACC)
+            w = tl.load(w_ptr + offs_v[:, None] * stride_wv + offs_d[None, :] * stride_wd,
+                        mask=v_in[:, None] & (offs_d[None, :] < D), other=0.0)
+            ht = tl.load(h_base + offs_l[None, :] * stride_hl + offs_d[:, None] * stride_hd,
+                         mask=(offs_l[None, :] < L) & (offs_d[:, None] < D), other=0.0)
+            logits = tl.dot(w, ht, logits, input_precision=PRECISION, out_dtype=ACC)
         if HAS_BIAS:
-            logits += bias[None, :]
+            logits += bias[:, None]
         ok = tl.load(valid_ptr + b * stride_vb + offs_l, mask=offs_l < L, other=0) != 0
-        logits = tl.where(ok[:, None], logits, float("-inf"))
-        tile_best, tile_arg = tl.max(logits, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        logits = tl.where(ok[None, :], logits, float("-inf"))
+        tile_best, tile_arg = tl.max(logits, axis=1, return_indices=True, return_indices_tie_break_left=True)
         better = tile_best > best  # strict: the first position wins a tie, as torch.max does
         best = tl.where(better, tile_best, best)
         arg = tl.where(better, tile_arg + l0, arg)
@@ -139,7 +148,7 @@ class _BowMaxPool(torch.autograd.Function):
         valid8 = valid.to(torch.uint8).contiguous()
         positions = torch.arange(1, L + 1, dtype=torch.int32, device=hidden.device)
         end = (valid8 * positions).amax(dim=1).to(torch.int32)  # loops stop at the last valid position
-        blocks, opts = launch_config(hidden, GPU_FWD, INTERPRET_FWD)
+        blocks, opts = launch_config(hidden, GPU_FWD_SHORT if L <= SHORT else GPU_FWD, INTERPRET_FWD)
         if B and V:
             grid = (B, triton.cdiv(V, blocks["BLOCK_V"]))
             _bow_fwd_kernel[grid](

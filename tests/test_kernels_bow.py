@@ -60,10 +60,33 @@ def test_small_blocks_loop_over_positions_words_and_features(monkeypatch):
     monkeypatch.setattr(bow_triton, "INTERPRET_DWEIGHT", dict(BLOCK_V=128, BLOCK_D=16))
     monkeypatch.setattr(bow_triton, "INTERPRET_DHIDDEN", dict(BLOCK_N=4, BLOCK_D=16))
     if DEVICE == "cuda":
-        for name in ("GPU_FWD", "GPU_DWEIGHT", "GPU_DHIDDEN"):
-            blocks = {k: v for k, v in getattr(bow_triton, "INTERPRET_" + name[4:]).items()}
+        for name in ("GPU_FWD", "GPU_FWD_SHORT", "GPU_DWEIGHT", "GPU_DHIDDEN"):
+            blocks = dict(getattr(bow_triton, "INTERPRET_" + name[4:].removesuffix("_SHORT")))
             monkeypatch.setattr(bow_triton, name, {"16bit": blocks, "fp32": blocks})
     compare(torch.float64 if DEVICE == "cpu" else torch.float32, B=2, L=40, V=300, D=40)
+
+
+def test_ties_go_to_the_first_position_within_and_across_position_blocks(monkeypatch):
+    """Equal logits at several positions: the argmax is the first, as torch.max's, whether the copies share a
+    block of positions or not (blocks of 16 positions here)."""
+    from dupmae.kernels import bow_triton
+
+    monkeypatch.setattr(bow_triton, "INTERPRET_FWD", dict(BLOCK_L=16, BLOCK_V=128, BLOCK_D=16))
+    if DEVICE == "cuda":
+        blocks = {"16bit": bow_triton.INTERPRET_FWD, "fp32": bow_triton.INTERPRET_FWD}
+        monkeypatch.setattr(bow_triton, "GPU_FWD", blocks)
+        monkeypatch.setattr(bow_triton, "GPU_FWD_SHORT", blocks)
+    (hidden, weight, bias), valid, _ = bow_inputs(torch.float32, B=2, L=40, V=300, D=32)
+    valid[:] = True
+    with torch.no_grad():
+        hidden[0, 20] = hidden[0, 5]  # block 0 and block 1
+        hidden[0, 9] = hidden[0, 5]  # both in block 0
+        hidden[1] = hidden[1, 3]  # every position alike
+    mu, arg = bow_triton.bow_max_pool(hidden, weight, bias, valid)
+    mu_ref, arg_ref = reference.bow_max_pool(hidden, weight, bias, valid)
+    assert torch.equal(arg, arg_ref)
+    assert bool((arg[1] == 0).all())
+    assert not bool(((arg[0] == 9) | (arg[0] == 20)).any()) and bool((arg[0] == 5).any())
 
 
 def test_without_bias():

@@ -29,6 +29,7 @@ def compile_all(capabilities: list[int]) -> list[dict]:
     from dupmae.kernels import aot
 
     bf16 = aot.record_launches(aot.model_calls(torch.bfloat16, B=2, L=512))  # BERT-base at L=512, the training dtype
+    bf16 += aot.record_launches(aot.model_calls(torch.bfloat16, B=2, L=150, ops=("bow_max_pool",)))  # short tiles
     fp32 = aot.record_launches(aot.model_calls(torch.float32, B=2, L=150))  # other strides; IEEE dots, other blocks
     return [c.row() for cap in capabilities
             for c in aot.compile_launches(bf16 + (fp32 if cap == FP32_ARCH else []), cap)]
@@ -61,6 +62,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90_in_bf16_and_for_sm80_in_fp32(co
 def test_shared_memory_fits_and_registers_are_reported(compiled):
     from dupmae.kernels import aot
 
+    blocks = {r["constexprs"]["BLOCK_L"] for r in compiled if r["kernel"] == "_bow_fwd_kernel" and r["arch"] == 90}
+    assert blocks == {"128", "64"}, blocks  # long and short sequences
     for r in compiled:
         assert 0 < r["registers"] <= 255, r
         assert r["shared"] <= aot.SHARED_LIMIT[r["arch"]], r
