@@ -294,6 +294,22 @@ def test_sigterm_saves_exits_75_and_resumes(lab):
     assert_identical(again.steps, ref.steps, from_step=at + 1)
 
 
+@pytest.mark.timeout(240)
+def test_no_allreduce_buffer_is_left_in_dev_shm(lab):
+    """DeepSpeed's CPU allreduce (ranks on one machine, the deepspeed launcher) creates a 67 MB /dev/shm file per
+    rank and never removes it. The ranks unlink theirs as soon as every rank has mapped them all: gone while the
+    job runs, so a killed job leaves nothing either."""
+    recipe, run_dir = lab.recipe("shm", False, **resumable())
+    job = Job("deepspeed", recipe, run_dir, name="shm")
+    job.wait_for_step(2)
+    env = job.ranks()[0].environ()
+    assert env.get("LOCAL_SIZE") == "2"  # the condition under which DeepSpeed uses the shared-memory allreduce
+    pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_{env['MASTER_ADDR']}_{env['MASTER_PORT']}_*"
+    assert not sorted(Path("/dev/shm").glob(pattern))
+    job.kill()
+    assert not sorted(Path("/dev/shm").glob(pattern))
+
+
 @pytest.mark.timeout(300)
 def test_dead_rank_ends_the_job_and_the_checkpoint_survives(lab):
     """kill -9 of rank 0 mid-run under torchrun: the job ends, non-zero, within a bounded time, leaves no
