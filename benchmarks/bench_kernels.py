@@ -57,6 +57,13 @@ def dims(shape: str, small: bool) -> dict:
 
 # -- inputs and the providers of each op --------------------------------------------------------------------
 
+def draw_lengths(B: int, L: int, g):
+    """The B sequence lengths of a case, in [0.75 L, L]: the first draw of the case's generator (seed 0)."""
+    import torch
+
+    return torch.randint(int(0.75 * L), L + 1, (B,), generator=g)
+
+
 def make_case(op: str, s: dict, dtype, device):
     """(inputs, {provider: fn(*inputs) -> tensor to differentiate}, gradient for that tensor or None)."""
     import torch
@@ -66,7 +73,7 @@ def make_case(op: str, s: dict, dtype, device):
 
     g = torch.Generator().manual_seed(0)
     B, L, Dm, Hh, Vv = s["B"], s["L"], s["D"], s["H"], s["V"]
-    lengths = torch.randint(int(0.75 * L), L + 1, (B,), generator=g)
+    lengths = draw_lengths(B, L, g)
     col = torch.arange(L)[None, :]
 
     def t(*shape, scale=1.0):

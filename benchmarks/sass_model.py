@@ -15,8 +15,9 @@ How, per kernel (`dupmae.kernels.aot` compiles every launch as the wrappers make
 - Tensor cycles of the iteration = the larger of its tl.dot FLOPs / 4096 (dense bf16 per SM per clock:
   989 TFLOP/s at 1.83 GHz on 132 SMs) and the shared-memory bytes its dots read / 128 (per SM per clock),
   counting both operands of every dot as read from shared memory, the B operand once per warpgroup (an
-  upper bound: Triton keeps some A operands in registers). Small tiles are bound by the second. "serial" adds the two (the softmax waits for its QK^T, the next dot for the softmax:
-  Triton does not ping-pong warpgroups); "overlap" takes the larger (the best case).
+  upper bound: Triton keeps some A operands in registers). Small tiles are bound by the second. "serial"
+  adds tensor and scalar cycles (the softmax waits for its QK^T, the next dot for the softmax: Triton does not
+  ping-pong warpgroups); "overlap" takes the larger (the best case).
 - Whole op = iterations (from the real grid, block sizes and the lengths bench_kernels.py draws) x cycles /
   (132 SMs x 1.83 GHz). Not modelled: memory bandwidth and latency, prologues and epilogues outside loops,
   wave quantization, launch overhead, the PyTorch glue (the backward's sort). So a kernel row is a LOWER
@@ -42,12 +43,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_kernels import D, H, SHAPES, V, draw_lengths  # noqa: E402  (the shapes and lengths it measures)
 from benchutil import commit  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "sass_model.csv"
 SMS, CLOCK_HZ, TENSOR_FLOP_PER_CLK, SMEM_BYTES_PER_CLK, HBM_BYTES_S = 132, 1.83e9, 4096, 128, 3.35e12
-SHAPES = {"L512": dict(B=32, L=512), "L150": dict(B=128, L=150)}
-D, H, V = 768, 12, 30522
 
 # cycles per warp instruction on one sub-partition, by unit (see the module docstring)
 FP32 = {"FFMA", "FADD", "FMUL", "HFMA2", "HADD2", "HMUL2"}
@@ -225,11 +225,10 @@ def naive_lower_bound_ms(op: str, shape: dict, lengths: list[int]) -> float:
 
 
 def lengths_of(shape: dict) -> list[int]:
-    """The lengths bench_kernels.py draws for this shape (same generator, same call)."""
+    """The lengths bench_kernels.py draws for this shape."""
     import torch
 
-    L = shape["L"]
-    return torch.randint(int(0.75 * L), L + 1, (shape["B"],), generator=torch.Generator().manual_seed(0)).tolist()
+    return draw_lengths(shape["B"], shape["L"], torch.Generator().manual_seed(0)).tolist()
 
 
 FIELDS = ["date", "commit", "arch", "shape", "kernel", "iteration", "warps", "instructions", "imad", "alu", "fp32",

@@ -6,8 +6,8 @@ real shapes and dtypes with every kernel launch intercepted, so the wrappers pic
 stays bf16; each launch is specialized by Triton's own binder (dtypes, alignment, integers equal to 1), as a
 real launch would be, and compiled for the target: what this compiles is what a GPU would run.
 
-Used by tests/test_kernels_compile.py (every kernel compiles for sm_80 and sm_90, fits shared memory, no
-register spills) and benchmarks/sass_model.py (a static performance model read off the compiled SASS).
+Used by tests/test_kernels_compile.py (every kernel compiles for sm_80 and sm_90 and fits shared memory;
+registers and stack are reported) and benchmarks/sass_model.py (a static performance model read off the SASS).
 """
 from __future__ import annotations
 
