@@ -48,6 +48,7 @@ class TrainConfig:
     max_bad_steps: int = 10  # non-finite losses skipped before the run stops
     dist_timeout_s: int = 300  # a collective that waits longer ends the job (a dead rank)
     deepspeed_config: str | None = None  # a user's DeepSpeed JSON, merged under the generated one
+    activation_checkpointing: bool = False  # recompute the encoder's layers in backward (less memory, ~1/3 more compute)
 
 
 @dataclass
@@ -104,21 +105,7 @@ class RunConfig:
             raise ConfigError("data.shards: give at least one folder made by `dupmae prepare`")
         if self.data.weights is not None and len(self.data.weights) != len(self.data.shards):
             raise ConfigError(f"data.weights: {len(self.data.weights)} weights for {len(self.data.shards)} shards")
-        for key in ("micro_batch", "grad_accum"):
-            if getattr(self.data, key) < 1:
-                raise ConfigError(f"data.{key} must be >= 1")
-        if self.train.precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got {self.train.precision!r}")
-        if self.train.max_steps < 1:
-            raise ConfigError("train.max_steps must be >= 1")
-        if self.optim.schedule not in ("linear", "cosine", "constant"):
-            raise ConfigError(f"optim.schedule must be linear, cosine or constant, got {self.optim.schedule!r}")
-        if self.zero.stage not in (0, 1, 2, 3):
-            raise ConfigError(f"zero.stage must be 0, 1, 2 or 3, got {self.zero.stage}")
-        if self.zero.offload_optimizer and self.zero.stage == 0:
-            raise ConfigError("zero.offload_optimizer needs zero.stage 1, 2 or 3")
-        if self.checkpoint.keep_last < 1:
-            raise ConfigError("checkpoint.keep_last must be >= 1")
+        validate_common(self)
 
     def digest(self) -> str:
         """Hash of what must not change across a resume: the model and the data stream. The split of the
@@ -130,7 +117,30 @@ class RunConfig:
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+def validate_common(cfg) -> None:
+    """The checks every recipe shares (the batch split, [train], [optim], [zero], [checkpoint])."""
+    for key in ("micro_batch", "grad_accum"):
+        if getattr(cfg.data, key) < 1:
+            raise ConfigError(f"data.{key} must be >= 1")
+    if cfg.train.precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got {cfg.train.precision!r}")
+    if cfg.train.max_steps < 1:
+        raise ConfigError("train.max_steps must be >= 1")
+    if cfg.optim.schedule not in ("linear", "cosine", "constant"):
+        raise ConfigError(f"optim.schedule must be linear, cosine or constant, got {cfg.optim.schedule!r}")
+    if cfg.zero.stage not in (0, 1, 2, 3):
+        raise ConfigError(f"zero.stage must be 0, 1, 2 or 3, got {cfg.zero.stage}")
+    if cfg.zero.offload_optimizer and cfg.zero.stage == 0:
+        raise ConfigError("zero.offload_optimizer needs zero.stage 1, 2 or 3")
+    if cfg.checkpoint.keep_last < 1:
+        raise ConfigError("checkpoint.keep_last must be >= 1")
+
+
+def sections(cls=RunConfig) -> dict:
+    return {f.name: f.type for f in dataclasses.fields(cls)}
+
+
+SECTIONS = sections(RunConfig)
 
 
 def _coerce(value, annotation, key: str):
@@ -200,8 +210,10 @@ def parse_override(text: str) -> tuple[str, str, object]:
     return parts[0], parts[1], value
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    cfg = RunConfig()
+def load_config(path: str | Path | None, overrides: list[str] = (), cls=RunConfig):
+    """`cls` is the recipe type: RunConfig (pre-training) or the fine-tuning recipe (engine/finetune)."""
+    cfg = cls()
+    known = sections(cls)
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -212,15 +224,15 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: invalid TOML: {e}") from None
     for section, values in data.items():
-        if section not in SECTIONS:
-            raise ConfigError(f"unknown section [{section}] (known: {', '.join(SECTIONS)})")
+        if section not in known:
+            raise ConfigError(f"unknown section [{section}] (known: {', '.join(known)})")
         if not isinstance(values, dict):
             raise ConfigError(f"[{section}] must be a table")
         _apply(getattr(cfg, section), section, values)
     for text in overrides:
         section, key, value = parse_override(text)
-        if section not in SECTIONS:
-            raise ConfigError(f"override {text!r}: unknown section {section!r} (known: {', '.join(SECTIONS)})")
+        if section not in known:
+            raise ConfigError(f"override {text!r}: unknown section {section!r} (known: {', '.join(known)})")
         _apply(getattr(cfg, section), section, {key: value})
     cfg.validate()
     return cfg
@@ -243,7 +255,7 @@ def _toml_value(v) -> str:
 def to_toml(cfg: RunConfig) -> str:
     """The resolved configuration as TOML (keys whose value is unset are written as comments)."""
     lines = []
-    for section in SECTIONS:
+    for section in sections(type(cfg)):
         lines.append(f"[{section}]")
         for key, value in dataclasses.asdict(getattr(cfg, section)).items():
             lines.append(f"# {key} = (unset)" if value is None else f"{key} = {_toml_value(value)}")

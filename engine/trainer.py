@@ -1,9 +1,17 @@
-"""The DeepSpeed trainer: `dupmae pretrain`.
+"""The DeepSpeed trainer: ONE loop for `dupmae pretrain` and `dupmae finetune`.
+
+What differs between pre-training and fine-tuning is a small task object (`engine/pretrain.py`,
+`engine/finetune/task.py`): it builds the model, the dataset, sampler and collator, counts what a batch holds,
+computes the loss of a micro batch from the global batch's counts, names the logged parts, and evaluates.
+DeepSpeed set-up, the step, checkpoints, resume, signals and logging live here and never name a model.
 
 One optimizer step = `grad_accum` micro batches on every rank. Losses are normalized by counts over the
-WHOLE global batch (masked tokens for L_mlm, ordinary tokens for L_dec, samples for L_bow; one small
-all-reduce per step), so the update equals that of one process on the global batch, whatever the split
-into ranks and micro steps.
+WHOLE global batch (for pre-training masked tokens for L_mlm, ordinary tokens for L_dec, samples for L_bow;
+for fine-tuning queries; one small all-reduce per step), so the update equals that of one process on the
+global batch, whatever the split into ranks and micro steps.
+
+The model is put in training mode before the first step (a model loaded with `from_pretrained` starts in eval
+mode, which would train without dropout until the first evaluation, and a resumed run would differ).
 
 Run directory (train.run_dir):
     config.toml          the resolved configuration
@@ -30,8 +38,7 @@ import torch
 
 from . import checkpoint, distributed
 from .config import ConfigError, RunConfig, to_toml
-from .metrics import TensorBoard, device_peak_flops, format_duration, peak_memory_bytes, step_flops
-from .model import DupMAE
+from .metrics import TensorBoard, device_peak_flops, format_duration, peak_memory_bytes
 
 EXIT_OK = 0
 EXIT_BAD_LOSS = 3
@@ -140,47 +147,35 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, log=None):
-        import deepspeed
+    """`Trainer(cfg, task)`: `task` defaults to pre-training (`engine/pretrain.py`)."""
 
-        from dupmae.data_pipeline.collator import DupMAECollator
-        from dupmae.data_pipeline.dataset import open_datasets
-        from dupmae.data_pipeline.sampler import GlobalBatchSampler
-        from dupmae.data_pipeline.tokenizer import tokenizer_info
+    def __init__(self, cfg, task=None, log=None):
+        import deepspeed
 
         # DeepSpeed's ZeRO still calls this torch collective under its deprecated name, every step
         warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+        if task is None:
+            from .pretrain import PretrainTask
+
+            task = PretrainTask(cfg)
         self.cfg = cfg
+        self.task = task
         self.rank, self.world, self.local_rank = distributed.init(cfg.train.dist_timeout_s)
         self._log = log or (lambda m: print(m, file=sys.stderr, flush=True))
         self.run_dir = Path(cfg.train.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.device = torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
-        # data: the last eval_samples ids are held out; everything else is the training stream
-        self.dataset = open_datasets(cfg.data.shards, cfg.data.weights)
-        self.info = tokenizer_info(str(Path(cfg.data.shards[0]) / "tokenizer"))
-        n = len(self.dataset)
-        self.n_train = n - cfg.data.eval_samples
-        if self.n_train < 1:
-            raise ConfigError(f"data.eval_samples {cfg.data.eval_samples} leaves no training sample of {n}")
-        self.sampler = GlobalBatchSampler(self.n_train, cfg.data.micro_batch, cfg.data.grad_accum, self.world,
-                                          self.rank, cfg.data.seed)
-        self.collator = DupMAECollator(self.info, seed=cfg.data.seed, max_len=self.dataset.max_len,
-                                       encoder_mask_prob=cfg.data.encoder_mask_prob,
-                                       pad_to_multiple_of=cfg.data.pad_to_multiple_of or None)
+        # data: the task's dataset, sampler (data order: a function of seed and position) and collator
+        task.setup_data(self.world, self.rank)
+        self.dataset, self.sampler, self.collator = task.dataset, task.sampler, task.collator
 
         torch.manual_seed(cfg.train.seed)
-        model = DupMAE.from_config(cfg.model)
-        if model.config.vocab_size < self.info.vocab_size:
-            raise ConfigError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the shards' "
-                              f"tokenizer ({self.info.vocab_size}): prepare the data with the model's tokenizer")
-        if self.dataset.max_len > model.config.max_position_embeddings:
-            raise ConfigError(f"shards hold samples of {self.dataset.max_len} positions; the model has "
-                              f"{model.config.max_position_embeddings}")
-        head = model.lm.cls.predictions
-        deepspeed.zero.register_external_parameter(model, head.decoder.weight)  # tied: used outside its module
-        deepspeed.zero.register_external_parameter(model, head.decoder.bias)
+        model = task.build_model()
+        if cfg.train.activation_checkpointing:
+            model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for p in task.external_parameters(model):  # ZeRO-3: weights used outside their module's forward
+            deepspeed.zero.register_external_parameter(model, p)
 
         o = cfg.optim
         groups = param_groups(model, o.weight_decay)
@@ -241,7 +236,7 @@ class Trainer:
             raise ConfigError(f"{self.ckpt_dir / tag} was trained with a global batch of {saved_global}; this job's "
                               f"is {self.sampler.global_batch}: set data.micro_batch x data.grad_accum x ranks "
                               "to the same global batch so the data order is preserved")
-        self.log(f"[pretrain] {tag} was written by {saved_world} rank(s), this job has {self.world}: "
+        self.log(f"[{self.task.name}] {tag} was written by {saved_world} rank(s), this job has {self.world}: "
                  "converting it to a universal checkpoint")
         return tag, checkpoint.to_universal(self.ckpt_dir, tag)
 
@@ -254,13 +249,13 @@ class Trainer:
         factor = lr_lambda(self.cfg)(self.step)
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
             group["lr"] = base * factor
-        self.log(f"[pretrain] resumed from {self.ckpt_dir / load_tag}: step {self.step}, "
+        self.log(f"[{self.task.name}] resumed from {self.ckpt_dir / load_tag}: step {self.step}, "
                  f"{self.sampler.consumed_samples:,} samples consumed")
 
     def save(self) -> None:
         tag = checkpoint.save(self.engine, self.ckpt_dir, self.step, self.state_dict(),
                               self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
-        self.log(f"[pretrain] saved checkpoint {self.ckpt_dir / tag}")
+        self.log(f"[{self.task.name}] saved checkpoint {self.ckpt_dir / tag}")
 
     # -- signals ------------------------------------------------------------------------------------
 
@@ -288,35 +283,32 @@ class Trainer:
         """A loss whose gradient is exactly zero for every parameter, for a step being skipped."""
         return sum(p.sum() for p in self.engine.module.parameters() if p.requires_grad) * 0.0
 
-    def _batch_counts(self, micro: list[dict]) -> list[float]:
-        """This rank's [masked tokens, decoder tokens, samples, real tokens, analytic FLOPs] of a step."""
-        counts = [0.0] * 5
+    def _global_counts(self, micro: list[dict]) -> dict[str, float]:
+        """The task's named counts of this step's micro batches, summed over every rank (one all-reduce)."""
+        counts: dict[str, float] = {}
         for b in micro:
-            mlm, dec = int((b["labels"] != -100).sum()), int((b["decoder_labels"] != -100).sum())
-            for i, v in enumerate((mlm, dec, len(b["lengths"]), int(b["lengths"].sum()),
-                                   step_flops(self.model.config, tuple(b["input_ids"].shape), mlm, dec))):
-                counts[i] += v
-        return counts
+            for k, v in self.task.batch_counts(b).items():
+                counts[k] = counts.get(k, 0.0) + float(v)
+        return dict(zip(counts, distributed.all_reduce(list(counts.values()))))
 
-    def _optimizer_step(self, micro: list[dict], glob: list[float]) -> tuple[list[float], float, float, bool]:
+    def _optimizer_step(self, micro: list[dict], glob: dict[str, float]) -> tuple[dict, float, float, bool]:
         """Forward/backward of this rank's micro batches and one optimizer step.
 
-        Losses are divided by the global batch's counts (`glob`), times ranks x accumulation steps because
-        DeepSpeed averages gradients over ranks and scales each backward by 1/grad_accum. If any rank sees a
-        non-finite loss, every rank backpropagates an exact zero from then on and the optimizer skips.
-        Returns (summed loss parts of this rank, lr used, grad norm or None, skipped)."""
+        The task divides its losses by the global batch's counts (`glob`) over `scale` = ranks x accumulation
+        steps, because DeepSpeed averages gradients over ranks and scales each backward by 1/grad_accum. If
+        any rank sees a non-finite loss, every rank backpropagates an exact zero from then on and the optimizer
+        skips. Returns (summed loss parts of this rank, lr used, grad norm or None, skipped)."""
         scale = self.world * self.cfg.data.grad_accum
-        denominators = {"mlm": glob[0] / scale, "dec": glob[1] / scale, "samples": glob[2] / scale}
-        parts = [0.0] * 4
+        parts = dict.fromkeys(self.task.part_names, 0.0)
         lr = self.optimizer.param_groups[0]["lr"]
         skipped, gnorm = False, None
         for i, b in enumerate(micro):
-            out = self.engine(self._to_device(b), denominators=denominators)
-            skipped |= bool(distributed.all_reduce([0.0 if bool(torch.isfinite(out.loss)) else 1.0], op="max")[0])
-            self.engine.backward(self._zero_loss() if skipped else out.loss)
+            loss, out_parts = self.task.loss(self.engine, self._to_device(b), glob, scale)
+            skipped |= bool(distributed.all_reduce([0.0 if bool(torch.isfinite(loss)) else 1.0], op="max")[0])
+            self.engine.backward(self._zero_loss() if skipped else loss)
             if not skipped:
-                for k, v in enumerate((out.loss, out.mlm_loss, out.dec_loss, out.bow_loss)):
-                    parts[k] += v.item()
+                for k, v in out_parts.items():
+                    parts[k] += float(v)
             if i == len(micro) - 1:
                 gnorm = self._grad_norm_zero0()  # ZeRO-0: DeepSpeed clears the grads in step()
                 self.base_optimizer.skip = skipped
@@ -345,14 +337,16 @@ class Trainer:
         window = {"time": 0.0, "wait": 0.0, "tokens": 0.0, "samples": 0.0, "flops": 0.0, "steps": 0}
         start_step, t_start = self.step, time.perf_counter()
         last = min(cfg.train.max_steps, cfg.train.stop_at_step or cfg.train.max_steps)
-        self.log(f"[pretrain] {world} rank(s), global batch {self.sampler.global_batch} "
-                 f"({cfg.data.micro_batch} x {accum} x {world}), {self.n_train:,} training samples, "
+        name = self.task.name
+        self.log(f"[{name}] {world} rank(s), global batch {self.sampler.global_batch} "
+                 f"({cfg.data.micro_batch} x {accum} x {world}), {self.sampler.num_samples:,} training samples, "
                  f"steps {self.step} -> {cfg.train.max_steps}, ZeRO-{cfg.zero.stage}, {cfg.train.precision}, "
                  f"run dir {self.run_dir}")
+        self.engine.train()  # from_pretrained returns eval mode: without this, no dropout until the first eval
         try:
             while self.step < last:
                 if distributed.all_reduce([1.0 if self._stop_signal else 0.0], op="max")[0]:
-                    self.log(f"[pretrain] stop requested by signal at step {self.step}: saving")
+                    self.log(f"[{name}] stop requested by signal at step {self.step}: saving")
                     self.save()
                     return EXIT_PREEMPTED
                 t0 = time.perf_counter()
@@ -361,30 +355,31 @@ class Trainer:
                     tw = time.perf_counter()
                     micro.append(next(batches))
                     wait += time.perf_counter() - tw
-                glob = distributed.all_reduce(self._batch_counts(micro))
+                glob = self._global_counts(micro)
                 parts, lr, gnorm, skipped = self._optimizer_step(micro, glob)
                 self.step += 1
                 self.sampler.consumed_samples += self.sampler.global_batch
                 if skipped:
                     self.bad_steps += 1
-                    self.log(f"[pretrain] step {self.step}: non-finite loss, step skipped "
+                    self.log(f"[{name}] step {self.step}: non-finite loss, step skipped "
                              f"({self.bad_steps}/{cfg.train.max_bad_steps})")
                     if self.bad_steps >= cfg.train.max_bad_steps:
-                        self.log(f"[pretrain] {self.bad_steps} non-finite losses: stopping (lower optim.lr, "
+                        self.log(f"[{name}] {self.bad_steps} non-finite losses: stopping (lower optim.lr, "
                                  "check the data with `dupmae inspect`, or raise train.max_bad_steps)")
                         return EXIT_BAD_LOSS
                     continue
-                loss, mlm, dec, bow = (v / (world * accum) for v in distributed.all_reduce(parts))
+                reduced = distributed.all_reduce(list(parts.values()))
+                values = {k: v / (world * accum) for k, v in zip(parts, reduced)}
                 dt_step = time.perf_counter() - t0
                 window["time"] += dt_step
                 window["wait"] += wait
-                window["tokens"] += glob[3]
-                window["samples"] += glob[2]
-                window["flops"] += glob[4]
+                window["tokens"] += glob["tokens"]
+                window["samples"] += glob["samples"]
+                window["flops"] += glob["flops"]
                 window["steps"] += 1
-                record = {"step": self.step, "loss": loss, "mlm": mlm, "dec": dec, "bow": bow, "lr": lr,
-                          "grad_norm": gnorm, "step_s": dt_step, "data_wait_s": wait, "tokens": int(glob[3]),
-                          "samples": int(glob[2]), "consumed_samples": self.sampler.consumed_samples}
+                record = {"step": self.step, **values, "lr": lr,
+                          "grad_norm": gnorm, "step_s": dt_step, "data_wait_s": wait, "tokens": int(glob["tokens"]),
+                          "samples": int(glob["samples"]), "consumed_samples": self.sampler.consumed_samples}
                 if metrics:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
@@ -397,7 +392,7 @@ class Trainer:
                     self.save()
             self.save()
             what = "done" if self.step >= cfg.train.max_steps else f"stopped at train.stop_at_step {self.step}"
-            self.log(f"[pretrain] {what}: {self.step - start_step} steps in "
+            self.log(f"[{name}] {what}: {self.step - start_step} steps in "
                      f"{format_duration(time.perf_counter() - t_start)}")
             return EXIT_OK
         finally:
@@ -413,56 +408,43 @@ class Trainer:
         mem = peak_memory_bytes()
         done = self.step - start_step
         eta = (time.perf_counter() - t_start) / max(done, 1) * (self.cfg.train.max_steps - self.step)
-        self.tb.log(self.step, {
-            "loss/total": record["loss"], "loss/mlm": record["mlm"], "loss/dec": record["dec"],
-            "loss/bow": record["bow"], "lr": record["lr"], "grad_norm": record["grad_norm"],
+        names = self.task.part_names
+        self.tb.log(self.step, {("loss/total" if k == "loss" else self.task.tensorboard_tag(k)): record[k]
+                                for k in names} | {
+            "lr": record["lr"], "grad_norm": record["grad_norm"],
             "throughput/tokens_per_s": tokens_s, "throughput/samples_per_s": samples_s,
             "throughput/mfu": mfu, "throughput/tflops": flops_s / 1e12, "time/step_s": secs / window["steps"],
             "time/data_wait_share": wait_share, "memory/peak": mem / 2**30,
         })
         speed = f"MFU {100 * mfu:.1f}%" if peak else f"{flops_s / 1e9:.1f} GFLOP/s"
-        self.log(f"step {self.step}/{self.cfg.train.max_steps} | loss {record['loss']:.4f} (mlm {record['mlm']:.3f} "
-                 f"dec {record['dec']:.3f} bow {record['bow']:.3f}) | lr {record['lr']:.2e} | "
-                 f"gnorm {record['grad_norm']:.3f} | {tokens_s:,.0f} tok/s {samples_s:,.1f} samples/s | {speed} | "
-                 f"data {100 * wait_share:.0f}% | mem {mem / 2**30:.2f} GiB | ETA {format_duration(eta)}")
+        detail = " ".join(f"{k} {record[k]:.3f}" for k in names[1:] if k in self.task.console_parts)
+        self.log(f"step {self.step}/{self.cfg.train.max_steps} | loss {record['loss']:.4f} ({detail}) | "
+                 f"lr {record['lr']:.2e} | gnorm {record['grad_norm']:.3f} | {tokens_s:,.0f} tok/s "
+                 f"{samples_s:,.1f} samples/s | {speed} | data {100 * wait_share:.0f}% | mem {mem / 2**30:.2f} GiB | "
+                 f"ETA {format_duration(eta)}")
 
-    @torch.no_grad()
     def evaluate(self, metrics=None) -> dict:
-        """The three losses and MLM accuracy on the held-out samples (this rank's share, then averaged)."""
-        cfg = self.cfg
-        n_eval = min(cfg.data.eval_samples, cfg.train.eval_batches * cfg.data.micro_batch * self.world)
-        if n_eval < self.world:
-            return {}
-        ids = list(range(self.n_train, self.n_train + n_eval))[self.rank :: self.world]
+        """The task's periodic evaluation (in eval mode; training mode is restored after it), logged."""
         self.engine.eval()
-        sums = torch.zeros(6, dtype=torch.float64)
         try:
-            for i in range(0, len(ids), cfg.data.micro_batch):
-                batch = self._to_device(self.collator([self.dataset[j] for j in ids[i : i + cfg.data.micro_batch]]))
-                out = self.engine(batch, with_accuracy=True)
-                n = len(ids[i : i + cfg.data.micro_batch])
-                sums += torch.tensor([out.mlm_loss.item() * out.mlm_tokens, out.dec_loss.item() * out.dec_tokens,
-                                      out.bow_loss.item() * n, out.mlm_correct, out.mlm_tokens, out.dec_tokens],
-                                     dtype=torch.float64)
-            tot = distributed.all_reduce(sums.tolist() + [float(len(ids))])
+            with torch.no_grad():
+                result, line = self.task.evaluate(self)
         finally:
             self.engine.train()
-        mlm, dec, bow = tot[0] / max(tot[4], 1), tot[1] / max(tot[5], 1), tot[2] / max(tot[6], 1)
-        result = {"eval/loss": mlm + dec + cfg.model.w_bow * bow, "eval/mlm": mlm, "eval/dec": dec,
-                  "eval/bow": bow, "eval/mlm_accuracy": tot[3] / max(tot[4], 1)}
+        if not result:
+            return {}
         self.tb.log(self.step, result)
         if metrics:
             metrics.write(json.dumps({"step": self.step, **result}) + "\n")
-        self.log(f"eval step {self.step} | loss {result['eval/loss']:.4f} (mlm {mlm:.3f} dec {dec:.3f} "
-                 f"bow {bow:.3f}) | MLM accuracy {100 * result['eval/mlm_accuracy']:.1f}% on {int(tot[6])} samples")
+        self.log(f"eval step {self.step} | {line}")
         return result
 
     def close(self) -> None:
         distributed.shutdown()
 
 
-def run(cfg: RunConfig) -> int:
-    trainer = Trainer(cfg)
+def run(cfg, task=None) -> int:
+    trainer = Trainer(cfg, task)
     try:
         return trainer.train()
     finally:
