@@ -6,7 +6,8 @@ dropped); global batch g of micro step a goes to ranks as
 
     rank r, micro step a:  batch[(a * world_size + r) * micro_batch : ... + micro_batch]
 
-so with the same global batch and micro batch, 2 ranks x 1 accumulation step and 1 rank x 2 steps see the
+(with `tag_epoch`, each id is yielded as `epoch * num_samples + id`: fine-tuning groups depend on the
+epoch) so with the same global batch and micro batch, 2 ranks x 1 accumulation step and 1 rank x 2 steps see the
 same samples in the same order. Resuming is starting at `consumed_samples` (a multiple of the global
 batch): nothing else needs saving, and the world size may change in between.
 """
@@ -35,6 +36,7 @@ class GlobalBatchSampler:
     rank: int = 0
     seed: int = 0
     consumed_samples: int = 0
+    tag_epoch: bool = False  # yield epoch * num_samples + id, for datasets whose items depend on the epoch
 
     def __post_init__(self) -> None:
         for name in ("micro_batch", "grad_accum", "world_size"):
@@ -75,6 +77,8 @@ class GlobalBatchSampler:
             perm = epoch_permutation(self.num_samples, self.seed, epoch)
             for gb in range(g, self.steps_per_epoch):
                 batch = perm[gb * self.global_batch : (gb + 1) * self.global_batch]
+                if self.tag_epoch:
+                    batch = batch + epoch * self.num_samples
                 for a in range(self.grad_accum):
                     start = (a * w + r) * m
                     yield batch[start : start + m].tolist()

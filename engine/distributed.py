@@ -109,6 +109,15 @@ def all_reduce(values: list[float], op: str = "sum", device: torch.device | None
     return t.tolist()
 
 
+def gather_objects(obj) -> list:
+    """Every rank's picklable `obj`, in rank order (a list of one without a process group)."""
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        out = [None] * torch_dist.get_world_size()
+        torch_dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
 def rank() -> int:
     return torch_dist.get_rank() if torch_dist.is_initialized() else 0
 

@@ -55,6 +55,18 @@ def step_flops(config, batch_shape: tuple[int, int], mlm_tokens: int, dec_tokens
     return float(layer_flops + transform + bow + heads)
 
 
+def encoder_flops(config, batch_shape: tuple[int, int], bow: bool) -> float:
+    """Analytic FLOPs of forward + backward of the encoder on (B, L) texts, plus, with `bow`, the MLM head's
+    transform and the vocabulary projection of the max-pool (forward; its backward is sparse)."""
+    B, L = batch_shape
+    D, V, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    positions = B * L
+    flops = layers * positions * (6 * (4 * D * D + 2 * D * config.intermediate_size) + 12 * L * D)
+    if bow:
+        flops += 6 * D * D * positions + 2 * D * V * positions
+    return float(flops)
+
+
 def peak_memory_bytes() -> int:
     """Peak accelerator memory on GPU; the process's peak resident set on CPU."""
     if torch.cuda.is_available():

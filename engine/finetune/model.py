@@ -1,0 +1,193 @@
+"""The fine-tuning model: the shared representation (engine/representation.py) and its training losses.
+
+For a micro batch of Q queries, each with a group of G passages (its positive first, then G - 1 negatives),
+every query is scored against every passage of the batch (in-batch negatives) and, with
+`cross_rank_negatives`, against every passage of every rank: query and passage representations are
+all-gathered with the local slot keeping its gradient, and every rank computes the loss of the GLOBAL micro
+batch. DeepSpeed's gradient averaging then yields exactly the gradient of one process holding all ranks'
+queries (Tevatron's scheme; `tests/test_finetune.py` checks 2 ranks x b against 1 process x 2b).
+
+Losses (sums over queries, divided by the trainer's global query count; temperature tau):
+    contrastive  CE(s / tau) with the positive as target, for the trained score and, in hybrid mode, for
+                 each part too: s_hybrid = s_dense + bow_weight * s_bow, s_dense, s_bow
+    self_kd      (model.self_distill, hybrid mode) KL(softmax(s_hybrid.detach() / tau) || softmax(s_part / tau))
+                 for the dense and the BoW part: BGE-M3's unified fine-tuning
+    teacher_kd   (model.distill_weight > 0, data with teacher scores) KL(softmax(t / tau_t) || softmax(s / tau))
+                 over each query's own group: stage 3, distillation from any scorer
+Documents keep their top-k of mu inside this forward (what is trained is what is served).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..representation import MODES, POOLINGS, Retriever, modes_needed, scatter_top_k
+
+
+@dataclass
+class RetrieverConfig:
+    """[model] of a fine-tuning recipe."""
+
+    encoder: str | None = None  # a `dupmae export` folder (pre-trained, or a fine-tuned stage), a BERT folder, a package
+    dense_dim: int = 384  # d' of W_cls (no bias); 0 keeps the raw [CLS]
+    pooling: str = "cls"  # "cls" (paper) or "mean"
+    normalize: bool = False  # cosine instead of dot product for the dense part
+    bow_top_k: int = 384  # entries of mu a document keeps (queries keep all)
+    mode: str = "hybrid"  # what is trained and served: hybrid | dense | bow
+    bow_weight: float = 1.0  # s_hybrid = s_dense + bow_weight * s_bow (1: the paper)
+    temperature: float = 1.0  # 1: the raw dot product of the paper and the reference
+    cross_rank_negatives: bool = True  # score against every rank's passages
+    self_distill: bool = False  # hybrid mode: each part also learns from the detached hybrid score
+    distill_weight: float = 0.0  # stage 3: weight of the KL to the data's teacher scores
+    contrastive_weight: float = 1.0
+    teacher_temperature: float = 1.0
+    shared_id_threshold: float = 0.9  # a document id kept by at least this share of the batch's documents is "shared"
+    kernels: str = "auto"
+
+    def validate(self) -> None:
+        from dupmae import kernels
+
+        if not self.encoder:
+            raise ValueError("model.encoder: name the pre-trained model folder (a `dupmae export` folder)")
+        if self.mode not in MODES:
+            raise ValueError(f"model.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"model.pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.kernels not in kernels.IMPLS:
+            raise ValueError(f"model.kernels must be one of {', '.join(kernels.IMPLS)}, got {self.kernels!r}")
+        if self.dense_dim < 0 or self.bow_top_k < 1:
+            raise ValueError("model.dense_dim must be >= 0 and model.bow_top_k >= 1")
+        if self.temperature <= 0 or self.teacher_temperature <= 0:
+            raise ValueError("model.temperature and model.teacher_temperature must be > 0")
+        if self.distill_weight < 0 or self.contrastive_weight < 0 or self.distill_weight + self.contrastive_weight == 0:
+            raise ValueError("model.distill_weight and model.contrastive_weight must be >= 0, not both 0")
+
+    def part_names(self) -> tuple[str, ...]:
+        """The logged loss parts ("loss" first) and statistics, fixed by the recipe."""
+        names = ["loss"] + (["hybrid", "dense", "bow"] if self.mode == "hybrid" else [self.mode])
+        if self.self_distill and self.mode == "hybrid":
+            names.append("self_kd")
+        if self.distill_weight > 0:
+            names.append("teacher_kd")
+        if self.mode != "dense":
+            names += ["bow_shared", "bow_to_dense"]
+        return tuple(names)
+
+
+STATS = ("bow_shared", "bow_to_dense")  # per-batch statistics, not losses
+
+
+@dataclass
+class FinetuneOutput:
+    loss: torch.Tensor
+    parts: dict[str, float]
+
+
+def gather_keep_local(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Every rank's `t` concatenated in rank order; this rank's slot is `t` itself, so its gradient flows."""
+    import torch.distributed as dist
+
+    if t is None or not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.detach().contiguous())
+    parts[dist.get_rank()] = t
+    return torch.cat(parts)
+
+
+def _kl(target_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of KL(softmax(target) || softmax(student))."""
+    log_t = F.log_softmax(target_logits, dim=-1)
+    return (log_t.exp() * (log_t - F.log_softmax(student_logits, dim=-1))).sum()
+
+
+class RetrieverTraining(nn.Module):
+    """`forward(batch, denominators)` -> FinetuneOutput; `forward(batch, encode="query"|"document")` -> the
+    representation of `batch["input_ids"]` (evaluation goes through forward so that ZeRO-3 gathers)."""
+
+    def __init__(self, retriever: Retriever, cfg: RetrieverConfig):
+        super().__init__()
+        self.retriever = retriever
+        self.cfg = cfg
+
+    @property
+    def lm(self):
+        return self.retriever.lm
+
+    @property
+    def config(self):
+        return self.retriever.lm.config
+
+    def forward(self, batch: dict, denominators: dict | None = None, encode: str | None = None):
+        modes = modes_needed(self.cfg.mode)
+        if encode is not None:
+            rep = self.retriever.represent(batch["input_ids"], batch["attention_mask"], modes)
+            if encode == "document" and rep.mu is not None:
+                rep.mu = scatter_top_k(rep.mu, self.cfg.bow_top_k)
+            return rep
+        q = self.retriever.represent(batch["q_input_ids"], batch["q_attention_mask"], modes)
+        p = self.retriever.represent(batch["p_input_ids"], batch["p_attention_mask"], modes)
+        p_mu = scatter_top_k(p.mu, self.cfg.bow_top_k) if p.mu is not None else None
+        return self.loss_from_reps(q.dense, q.mu, p.dense, p_mu, batch.get("teacher_scores"), denominators)
+
+    def loss_from_reps(self, q_dense, q_mu, p_dense, p_mu, teacher=None, denominators=None) -> FinetuneOutput:
+        """The losses of a micro batch from its representations (documents already cut to their top-k)."""
+        cfg = self.cfg
+        world = 1
+        if cfg.cross_rank_negatives:
+            import torch.distributed as dist
+
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            q_dense, q_mu, p_dense, p_mu = (gather_keep_local(t) for t in (q_dense, q_mu, p_dense, p_mu))
+            teacher = gather_keep_local(teacher)
+        n_q = len(q_dense if q_dense is not None else q_mu)
+        n_p = len(p_dense if p_dense is not None else p_mu)
+        if n_p % n_q:
+            raise ValueError(f"{n_p} passages for {n_q} queries: every query needs a group of the same size")
+        group = n_p // n_q
+        target = torch.arange(n_q, device=(q_dense if q_dense is not None else q_mu).device) * group
+        s = {}
+        if q_dense is not None:
+            s["dense"] = q_dense @ p_dense.t()
+        if q_mu is not None:
+            s["bow"] = q_mu @ p_mu.t()
+        if cfg.mode == "hybrid":
+            s["hybrid"] = s["dense"] + cfg.bow_weight * s["bow"]
+        tau = cfg.temperature
+        terms = {}
+        for name in (("hybrid", "dense", "bow") if cfg.mode == "hybrid" else (cfg.mode,)):
+            terms[name] = F.cross_entropy(s[name] / tau, target, reduction="sum")
+        loss = cfg.contrastive_weight * sum(terms.values())
+        if cfg.self_distill and cfg.mode == "hybrid":
+            t = s["hybrid"].detach() / tau
+            terms["self_kd"] = _kl(t, s["dense"] / tau) + _kl(t, s["bow"] / tau)
+            loss = loss + terms["self_kd"]
+        if cfg.distill_weight > 0:
+            if teacher is None:
+                raise ValueError("model.distill_weight > 0 but the batch carries no teacher scores "
+                                 "(pos_scores / neg_scores in the training data)")
+            cols = target[:, None] + torch.arange(group, device=target.device)[None, :]
+            student = s[cfg.mode].gather(1, cols) / tau
+            terms["teacher_kd"] = _kl(teacher.to(student.dtype) / cfg.teacher_temperature, student)
+            loss = loss + cfg.distill_weight * terms["teacher_kd"]
+        denom = max(float((denominators or {"queries": n_q / world})["queries"]), 1e-12)
+        loss = loss / denom
+        # every rank computed the loss of the global micro batch: each reports its 1/world share of it
+        parts = {"loss": loss.item() / world} | {k: v.item() / denom / world for k, v in terms.items()}
+        if p_mu is not None:
+            parts |= self._bow_stats(p_mu, s)
+        return FinetuneOutput(loss, parts)
+
+    @torch.no_grad()
+    def _bow_stats(self, p_mu: torch.Tensor, s: dict) -> dict[str, float]:
+        """bow_shared: the share of a document's kept ids that at least `shared_id_threshold` of the batch's
+        documents also keep (the max-pool collapse: 1.0 when every document keeps the same ids);
+        bow_to_dense: the spread of BoW scores over that of dense scores (how much of the hybrid is BoW)."""
+        kept = p_mu != 0
+        shared = kept.float().mean(0) >= self.cfg.shared_id_threshold
+        share = float(((kept & shared).sum(1).float() / kept.sum(1).clamp(min=1)).mean())
+        ratio = float(s["bow"].std() / s["dense"].std().clamp(min=1e-12)) if "dense" in s else 0.0
+        return {"bow_shared": share, "bow_to_dense": ratio}

@@ -1,0 +1,210 @@
+"""The fine-tuning losses against a naive definition (full B x L x V logits, an explicit top-k, a score
+matrix built entry by entry), and cross-rank negatives: 2 ranks x b equal 1 process x 2b in loss and
+every gradient."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dupmae.engine.finetune.model import RetrieverConfig, RetrieverTraining
+from dupmae.engine.representation import Retriever
+
+CFG = dict(vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+           max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def tiny_model(cfg: RetrieverConfig, seed: int = 0, dtype=torch.float64) -> RetrieverTraining:
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    lm = BertForMaskedLM(BertConfig(**CFG))
+    lm.tie_weights()
+    retriever = Retriever(lm, cfg.dense_dim, cfg.pooling, cfg.normalize, "reference")
+    if retriever.w_cls is not None:
+        torch.nn.init.normal_(retriever.w_cls.weight, std=0.3)
+    with torch.no_grad():  # a non-zero MLM bias, so that the test sees it
+        lm.cls.predictions.bias.normal_(0, 0.5)
+    return RetrieverTraining(retriever, cfg).to(dtype).train()
+
+
+def batch(n_q: int, group: int, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+
+    def texts(n, max_len):
+        lengths = torch.randint(3, max_len + 1, (n,), generator=g)
+        ids = torch.randint(5, CFG["vocab_size"], (n, max_len), generator=g)
+        mask = (torch.arange(max_len)[None, :] < lengths[:, None]).long()
+        ids[:, 0] = 1
+        ids = ids * mask
+        return ids, mask
+
+    q, qm = texts(n_q, 7)
+    p, pm = texts(n_q * group, 11)
+    return {"q_input_ids": q, "q_attention_mask": qm, "p_input_ids": p, "p_attention_mask": pm,
+            "teacher_scores": torch.randn(n_q, group, generator=g, dtype=torch.float64)}
+
+
+def naive_loss(model: RetrieverTraining, b: dict) -> torch.Tensor:
+    """The definition, written out: full logits, max over positions 1..len-1, python top-k, score loops."""
+    cfg, r = model.cfg, model.retriever
+    lm = r.lm
+
+    def rep(ids, mask):
+        h = lm.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        dense = h[:, 0] if r.w_cls is None else h[:, 0] @ r.w_cls.weight.t()
+        logits = lm.cls(h)  # B x L x V
+        mus = []
+        for i in range(len(ids)):
+            n = int(mask[i].sum())
+            mus.append(logits[i, 1:n].max(0).values)
+        return dense, torch.stack(mus)
+
+    qd, qm = rep(b["q_input_ids"], b["q_attention_mask"])
+    pd, pm = rep(b["p_input_ids"], b["p_attention_mask"])
+    kept = []
+    for row in pm:
+        order = sorted(range(len(row)), key=lambda j: -float(row[j].detach()))[: cfg.bow_top_k]
+        kept.append(set(order))
+    n_q, n_p = len(qd), len(pd)
+    group = n_p // n_q
+    S = {k: torch.zeros(n_q, n_p, dtype=qd.dtype) for k in ("dense", "bow")}
+    for i in range(n_q):
+        for j in range(n_p):
+            S["dense"] = S["dense"].index_put((torch.tensor([i]), torch.tensor([j])), (qd[i] * pd[j]).sum()[None])
+            bow = sum(qm[i, v] * pm[j, v] for v in kept[j])
+            S["bow"] = S["bow"].index_put((torch.tensor([i]), torch.tensor([j])), bow[None])
+    S["hybrid"] = S["dense"] + cfg.bow_weight * S["bow"]
+    tau = cfg.temperature
+    total = 0.0
+    names = ("hybrid", "dense", "bow") if cfg.mode == "hybrid" else (cfg.mode,)
+    for i in range(n_q):
+        for name in names:
+            total = total - cfg.contrastive_weight * F.log_softmax(S[name][i] / tau, 0)[i * group]
+        if cfg.self_distill and cfg.mode == "hybrid":
+            t = F.softmax(S["hybrid"][i].detach() / tau, 0)
+            for name in ("dense", "bow"):
+                total = total + (t * (t.log() - F.log_softmax(S[name][i] / tau, 0))).sum()
+        if cfg.distill_weight:
+            t = F.softmax(b["teacher_scores"][i] / cfg.teacher_temperature, 0)
+            s = F.log_softmax(S[cfg.mode][i, i * group : (i + 1) * group] / tau, 0)
+            total = total + cfg.distill_weight * (t * (t.log() - s)).sum()
+    return total / n_q
+
+
+@pytest.mark.parametrize("settings", [
+    dict(mode="hybrid", self_distill=True, distill_weight=0.5, bow_top_k=7, temperature=0.7, bow_weight=0.3),
+    dict(mode="hybrid", self_distill=False, bow_top_k=60, dense_dim=0),
+    dict(mode="dense", dense_dim=5, distill_weight=1.0, contrastive_weight=0.0, teacher_temperature=2.0),
+    dict(mode="bow", bow_top_k=4),
+])
+def test_loss_and_gradients_equal_the_naive_definition(settings):
+    cfg = RetrieverConfig(encoder="x", kernels="reference", **settings)
+    cfg.validate()
+    b = batch(3, 2)
+    ours_model, naive_model = tiny_model(cfg), tiny_model(cfg)
+    ours = ours_model(b).loss
+    ours.backward()
+    naive = naive_loss(naive_model, b)
+    naive.backward()
+    torch.testing.assert_close(ours, naive, rtol=1e-9, atol=1e-12)
+    grads = dict(naive_model.named_parameters())
+    for name, p in ours_model.named_parameters():
+        assert p.grad is not None or grads[name].grad is None, name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-7, atol=1e-10, msg=name)
+
+
+def test_document_top_k_is_applied_in_training():
+    """A document id outside the top-k contributes nothing: changing the query's weight there changes no score."""
+    cfg = RetrieverConfig(encoder="x", kernels="reference", mode="bow", bow_top_k=3)
+    model = tiny_model(cfg)
+    b = batch(2, 2)
+    rep = model.retriever.represent(b["p_input_ids"], b["p_attention_mask"], ("bow",))
+    kept = model(dict(input_ids=b["p_input_ids"], attention_mask=b["p_attention_mask"]), encode="document").mu
+    assert int((kept != 0).sum(1).max()) == 3
+    top = torch.topk(rep.mu, 3, dim=1)
+    torch.testing.assert_close(kept.gather(1, top.indices), top.values)
+
+
+# -- cross-rank negatives ----------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_worker(rank: int, world: int, port: int, settings: dict, out: dict) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        cfg = RetrieverConfig(encoder="x", kernels="reference", **settings)
+        model = tiny_model(cfg)
+        full = batch(4, 3)
+        n_q, group = 4 // world, 3
+        mine = {k: (v[rank * n_q : (rank + 1) * n_q] if not k.startswith("p_")
+                    else v[rank * n_q * group : (rank + 1) * n_q * group]) for k, v in full.items()}
+        # the trainer's normalization: global queries / (ranks x accumulation steps)
+        o = model(mine, denominators={"queries": 4 / world})
+        o.loss.backward()
+        grads = {}
+        for name, p in model.named_parameters():  # DeepSpeed averages gradients over ranks
+            if p.grad is None:  # a part the mode does not use (dense mode: the MLM head)
+                grads[name] = None
+                continue
+            g = p.grad.clone()
+            dist.all_reduce(g)
+            grads[name] = g / world
+        parts = torch.tensor([o.parts["loss"]], dtype=torch.float64)
+        dist.all_reduce(parts)
+        if rank == 0:
+            out["grads"] = grads
+            out["loss"] = float(parts[0]) / 1  # sum over ranks of each rank's share / (ranks x accum) * ranks
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("settings", [dict(mode="hybrid", self_distill=True, bow_top_k=9, distill_weight=0.3),
+                                      dict(mode="dense", dense_dim=6)])
+def test_two_ranks_equal_one_process_on_the_whole_batch(settings):
+    import torch.multiprocessing as mp
+
+    cfg = RetrieverConfig(encoder="x", kernels="reference", **settings)
+    model = tiny_model(cfg)
+    whole = model(batch(4, 3))
+    whole.loss.backward()
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_rank_worker, args=(2, _free_port(), settings, out), nprocs=2, join=True)
+        grads, loss = dict(out["grads"]), out["loss"]
+    # the trainer logs sum over ranks of the parts / (ranks x accumulation steps): here / 2
+    assert loss / 2 == pytest.approx(whole.parts["loss"], rel=1e-10)
+    assert any(g is not None for g in grads.values())
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            assert grads[name] is None, name
+            continue
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-8, atol=1e-12, msg=name)
+
+
+@pytest.mark.distributed
+def test_without_cross_rank_negatives_the_ranks_differ_from_one_process():
+    """The check above can fail: with cross-rank negatives off, each rank scores only its own passages, so
+    the loss differs from one process that sees all of them as negatives."""
+    import torch.multiprocessing as mp
+
+    settings = dict(mode="dense", dense_dim=6, cross_rank_negatives=False)
+    model = tiny_model(RetrieverConfig(encoder="x", kernels="reference", **settings))
+    whole = model(batch(4, 3))
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_rank_worker, args=(2, _free_port(), settings, out), nprocs=2, join=True)
+        loss = out["loss"]
+    assert abs(loss / 2 - whole.parts["loss"]) > 1e-3
