@@ -71,6 +71,30 @@ def _run_pretrain(args) -> int:
     return run(load_config(args.config, args.overrides))
 
 
+def _add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a pre-trained model into the retriever (same trainer as pretrain)",
+                       description="Fine-tune into the DupMAE retriever. Overrides are dotted keys: optim.lr=2e-5")
+    p.add_argument("--config", "-c", required=True, help="a TOML recipe, e.g. configs/finetune-wordnet-cpu.toml")
+    p.add_argument("overrides", nargs="*", help="section.key=value (TOML values; bare words are strings)")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    p.set_defaults(func=_run_finetune)
+
+
+def _run_finetune(args) -> int:
+    from dupmae.engine.finetune.task import load_finetune_config, run
+
+    return run(load_finetune_config(args.config, args.overrides))
+
+
+def _add_mine(sub) -> None:
+    p = sub.add_parser("mine", help="mine hard negatives with a model (hybrid score) into training jsonl",
+                       description="Encode a corpus, retrieve for every training query, sample hard negatives.")
+    from dupmae.engine.finetune.mine import add_arguments, run_from_args
+
+    add_arguments(p)
+    p.set_defaults(func=run_from_args)
+
+
 def _add_launch(sub) -> None:
     p = sub.add_parser("launch", help="run pre-training through the deepspeed launcher (hostfile, Slurm)",
                        description="Build and run the deepspeed launcher command for a pre-training run.")
@@ -111,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_inspect(sub)
     _add_pretrain(sub)
+    _add_finetune(sub)
+    _add_mine(sub)
     _add_launch(sub)
     _add_export(sub)
     _add_eval(sub)

@@ -49,6 +49,7 @@ class TrainConfig:
     dist_timeout_s: int = 300  # a collective that waits longer ends the job (a dead rank)
     deepspeed_config: str | None = None  # a user's DeepSpeed JSON, merged under the generated one
     activation_checkpointing: bool = False  # recompute the encoder's layers in backward (less memory, ~1/3 more compute)
+    grad_cache_chunk: int = 0  # fine-tuning: gradient caching, texts encoded with a graph this many at a time (0: off)
 
 
 @dataclass
@@ -105,6 +106,8 @@ class RunConfig:
             raise ConfigError("data.shards: give at least one folder made by `dupmae prepare`")
         if self.data.weights is not None and len(self.data.weights) != len(self.data.shards):
             raise ConfigError(f"data.weights: {len(self.data.weights)} weights for {len(self.data.shards)} shards")
+        if self.train.grad_cache_chunk:
+            raise ConfigError("train.grad_cache_chunk is a fine-tuning option (pre-training has no cross-text loss)")
         validate_common(self)
 
     def digest(self) -> str:
@@ -134,6 +137,8 @@ def validate_common(cfg) -> None:
         raise ConfigError("zero.offload_optimizer needs zero.stage 1, 2 or 3")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.keep_last must be >= 1")
+    if cfg.train.grad_cache_chunk < 0:
+        raise ConfigError("train.grad_cache_chunk must be >= 0")
 
 
 def sections(cls=RunConfig) -> dict:

@@ -70,11 +70,12 @@ class PretrainTask:
         return {"mlm": mlm, "dec": dec, "samples": len(b["lengths"]), "tokens": int(b["lengths"].sum()),
                 "flops": step_flops(self.model_config, tuple(b["input_ids"].shape), mlm, dec)}
 
-    def loss(self, engine, batch: dict, glob: dict, scale: float):
+    def passes(self, engine, batch: dict, glob: dict, scale: float):
+        """One backward pass per micro batch: (loss, its parts)."""
         denominators = {"mlm": glob["mlm"] / scale, "dec": glob["dec"] / scale, "samples": glob["samples"] / scale}
         out = engine(batch, denominators=denominators)
-        return out.loss, {"loss": out.loss.item(), "mlm": out.mlm_loss.item(), "dec": out.dec_loss.item(),
-                          "bow": out.bow_loss.item()}
+        yield out.loss, {"loss": out.loss.item(), "mlm": out.mlm_loss.item(), "dec": out.dec_loss.item(),
+                         "bow": out.bow_loss.item()}
 
     def evaluate(self, trainer) -> tuple[dict, str]:
         """The three losses and MLM accuracy on the held-out samples (this rank's share, then averaged)."""

@@ -49,14 +49,15 @@ class TrainingError(RuntimeError):
     pass
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
+def deepspeed_config(cfg: RunConfig, world_size: int, passes_per_micro: int = 1) -> dict:
     """The DeepSpeed JSON for this run; a user's JSON (train.deepspeed_config) is merged underneath, and
-    its batch sizes must agree with ours."""
+    its batch sizes must agree with ours. With several backward passes per micro batch (gradient caching),
+    each pass is a DeepSpeed micro step: its accumulation counts passes."""
     d, z = cfg.data, cfg.zero
     ours = {
         "train_micro_batch_size_per_gpu": d.micro_batch,
-        "gradient_accumulation_steps": d.grad_accum,
-        "train_batch_size": d.micro_batch * d.grad_accum * world_size,
+        "gradient_accumulation_steps": d.grad_accum * passes_per_micro,
+        "train_batch_size": d.micro_batch * d.grad_accum * passes_per_micro * world_size,
         "gradient_clipping": cfg.optim.grad_clip,  # DeepSpeed clips at 1.0 when the key is absent
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -188,7 +189,7 @@ class Trainer:
             optimizer = skippable(torch.optim.AdamW)(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
         self.base_optimizer = optimizer
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-        self.ds_config = deepspeed_config(cfg, self.world)
+        self.ds_config = deepspeed_config(cfg, self.world, getattr(task, "passes_per_micro", 1))
         resume = self._find_checkpoint()
         if resume and resume[1] != resume[0]:
             self.ds_config["checkpoint"] = {"load_universal": True}
@@ -295,24 +296,29 @@ class Trainer:
         """Forward/backward of this rank's micro batches and one optimizer step.
 
         The task divides its losses by the global batch's counts (`glob`) over `scale` = ranks x accumulation
-        steps, because DeepSpeed averages gradients over ranks and scales each backward by 1/grad_accum. If
-        any rank sees a non-finite loss, every rank backpropagates an exact zero from then on and the optimizer
-        skips. Returns (summed loss parts of this rank, lr used, grad norm or None, skipped)."""
+        steps, because DeepSpeed averages gradients over ranks and scales each backward by 1/grad_accum. A task
+        may take several backward passes per micro batch (gradient caching: one per chunk of texts), each a
+        DeepSpeed micro step, the first carrying the loss parts. If any rank sees a non-finite loss, every
+        rank backpropagates an exact zero from then on and the optimizer skips.
+        Returns (summed loss parts of this rank, lr used, grad norm or None, skipped)."""
         scale = self.world * self.cfg.data.grad_accum
         parts = dict.fromkeys(self.task.part_names, 0.0)
         lr = self.optimizer.param_groups[0]["lr"]
         skipped, gnorm = False, None
+        n_passes = getattr(self.task, "passes_per_micro", 1)
         for i, b in enumerate(micro):
-            loss, out_parts = self.task.loss(self.engine, self._to_device(b), glob, scale)
-            skipped |= bool(distributed.all_reduce([0.0 if bool(torch.isfinite(loss)) else 1.0], op="max")[0])
-            self.engine.backward(self._zero_loss() if skipped else loss)
-            if not skipped:
-                for k, v in out_parts.items():
-                    parts[k] += float(v)
-            if i == len(micro) - 1:
-                gnorm = self._grad_norm_zero0()  # ZeRO-0: DeepSpeed clears the grads in step()
-                self.base_optimizer.skip = skipped
-            self.engine.step()
+            for j, (loss, out_parts) in enumerate(self.task.passes(self.engine, self._to_device(b), glob, scale)):
+                if j == 0:
+                    bad = not math.isfinite(float(out_parts["loss"]))
+                    skipped |= bool(distributed.all_reduce([1.0 if bad else 0.0], op="max")[0])
+                    if not skipped:
+                        for k, v in out_parts.items():
+                            parts[k] += float(v)
+                self.engine.backward(self._zero_loss() if skipped else loss)
+                if i == len(micro) - 1 and j == n_passes - 1:
+                    gnorm = self._grad_norm_zero0()  # ZeRO-0: DeepSpeed clears the grads in step()
+                    self.base_optimizer.skip = skipped
+                self.engine.step()
         self.base_optimizer.skip = False
         if gnorm is None and not skipped:
             gnorm = self.engine.get_global_grad_norm()

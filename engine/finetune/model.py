@@ -80,6 +80,67 @@ class RetrieverConfig:
 STATS = ("bow_shared", "bow_to_dense")  # per-batch statistics, not losses
 
 
+def grad_cache_plan(n_queries: int, group: int, chunk: int) -> list[tuple[str, int, int]]:
+    """The chunks gradient caching encodes: (kind, first row, end row), queries first, then passages."""
+    q = [("query", a, min(a + chunk, n_queries)) for a in range(0, n_queries, chunk)]
+    n_p = n_queries * group
+    return q + [("document", a, min(a + chunk, n_p)) for a in range(0, n_p, chunk)]
+
+
+def grad_cache_passes(engine, batch: dict, denominators: dict, chunk: int):
+    """Gradient caching (Gao et al. 2021; Tevatron's GradCache, sentence-transformers' cached losses) as
+    DeepSpeed micro steps: (1) every chunk of texts is encoded without a graph, the RNG state saved before
+    each; (2) the loss of the whole micro batch is computed from those representations and its gradient with
+    respect to them kept; (3) each chunk is encoded again with a graph under its saved RNG state (the same
+    dropout) and `rep . grad` is backpropagated, one DeepSpeed micro step per chunk (the trainer sets the
+    accumulation to count chunks), so ZeRO reduces each parameter's gradient once per pass and the
+    peak activation memory is that of one chunk. Yields (loss, parts) for the first pass, (loss, None) after.
+    The surrogate is multiplied by the number of passes: DeepSpeed divides every pass by its accumulation."""
+    from ..checkpoint import rng_state, set_rng_state
+
+    module = engine.module
+    n_q = len(batch["q_input_ids"])
+    group = len(batch["p_input_ids"]) // n_q
+    plan = grad_cache_plan(n_q, group, chunk)
+
+    def encode(kind, a, b):
+        prefix = "q_" if kind == "query" else "p_"
+        return engine({"input_ids": batch[prefix + "input_ids"][a:b],
+                       "attention_mask": batch[prefix + "attention_mask"][a:b]}, encode=kind)
+
+    states, reps = [], []
+    with torch.no_grad():
+        for kind, a, b in plan:
+            states.append(rng_state())
+            reps.append(encode(kind, a, b))
+    after = rng_state()
+
+    def joined(kind, attr):
+        parts = [getattr(r, attr) for (k, _, _), r in zip(plan, reps) if k == kind]
+        if parts[0] is None:
+            return None
+        return torch.cat(parts).detach().requires_grad_(True)
+
+    leaves = {(kind, attr): joined(kind, attr) for kind in ("query", "document") for attr in ("dense", "mu")}
+    with torch.enable_grad():
+        out = module.loss_from_reps(leaves["query", "dense"], leaves["query", "mu"], leaves["document", "dense"],
+                                    leaves["document", "mu"], batch.get("teacher_scores"), denominators)
+        present = {k: v for k, v in leaves.items() if v is not None}
+        grads = dict(zip(present, torch.autograd.grad(out.loss, list(present.values()))))
+    offsets = {"query": 0, "document": 0}
+    for i, (kind, a, b) in enumerate(plan):
+        set_rng_state(states[i])
+        rep = encode(kind, a, b)
+        surrogate = 0.0
+        for attr in ("dense", "mu"):
+            if (kind, attr) in grads:
+                g = grads[kind, attr][offsets[kind] : offsets[kind] + (b - a)]
+                surrogate = surrogate + (getattr(rep, attr) * g).sum()
+        offsets[kind] += b - a
+        yield surrogate * len(plan), (out.parts if i == 0 else None)
+    set_rng_state(after)
+
+
 @dataclass
 class FinetuneOutput:
     loss: torch.Tensor
