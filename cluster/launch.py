@@ -52,7 +52,9 @@ class LaunchError(Exception):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", required=True, help="a TOML recipe, e.g. configs/bert-base-wiki.toml")
-    p.add_argument("overrides", nargs="*", help="section.key=value (as for dupmae pretrain)")
+    p.add_argument("overrides", nargs="*", help="section.key=value (as for dupmae pretrain / finetune)")
+    p.add_argument("--task", choices=("pretrain", "finetune"), default="pretrain",
+                   help="the job the ranks run: dupmae pretrain (default) or dupmae finetune (same trainer)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--hostfile", "-H", help="hosts and slots, one 'HOST slots=N' line per host")
     where.add_argument("--slurm", action="store_true",
@@ -120,7 +122,12 @@ def run_from_args(args) -> int:
 def _run(args) -> int:
     from dupmae.engine.config import load_config, to_toml
 
-    cfg = load_config(args.config, args.overrides)
+    if getattr(args, "task", "pretrain") == "finetune":
+        from dupmae.engine.finetune.task import FinetuneConfig
+
+        cfg = load_config(args.config, args.overrides, cls=FinetuneConfig)
+    else:
+        cfg = load_config(args.config, args.overrides)
     if args.sbatch:
         return _write_batch_script(args, cfg)
     plan = plan_launch(args, cfg, probe=not args.dry_run)
@@ -170,7 +177,7 @@ def plan_launch(args, cfg, probe: bool = True, environ: dict | None = None) -> P
     launch_dir = Path(cfg.train.run_dir).resolve() / "launch"
     config_path = launch_dir / "config.toml"
     _check_arguments(args, environ)
-    tail = ["--no_local_rank", _executable("dupmae"), "pretrain", "--config", str(config_path)]
+    tail = ["--no_local_rank", _executable("dupmae"), getattr(args, "task", "pretrain"), "--config", str(config_path)]
     deepspeed = [_executable("deepspeed")]
     port = args.master_port or (DEFAULT_PORT + int(environ["SLURM_JOB_ID"]) % 1000
                                 if args.slurm and environ.get("SLURM_JOB_ID", "").isdigit() else DEFAULT_PORT)
@@ -413,7 +420,8 @@ def _write_batch_script(args, cfg) -> int:
                              output=str(run_dir / "slurm-%j.log"), chdir=str(Path.cwd()))
     venv = sys.prefix if sys.prefix != sys.base_prefix else None
     variant = "slurm" if args.launcher == "slurm" else "per-node"
-    out = write_sbatch(args.sbatch, variant, settings, [str(Path(args.config).resolve()), *args.overrides], venv)
+    out = write_sbatch(args.sbatch, variant, settings, [str(Path(args.config).resolve()), *args.overrides], venv,
+                       task=getattr(args, "task", "pretrain"))
     d = cfg.data
     print(f"[launch] wrote {out}: {nodes} node(s) x {max(args.gpus_per_node, 1)} rank(s), global batch "
           f"{d.micro_batch * d.grad_accum * ranks} ({d.micro_batch} x {d.grad_accum} x {ranks}), log "

