@@ -75,9 +75,9 @@ def naive_loss(model: RetrieverTraining, b: dict) -> torch.Tensor:
     for i in range(n_q):
         for j in range(n_p):
             S["dense"] = S["dense"].index_put((torch.tensor([i]), torch.tensor([j])), (qd[i] * pd[j]).sum()[None])
-            bow = sum(qm[i, v] * pm[j, v] for v in kept[j])
+            bow = cfg.bow_weight * sum(qm[i, v] * pm[j, v] for v in kept[j])
             S["bow"] = S["bow"].index_put((torch.tensor([i]), torch.tensor([j])), bow[None])
-    S["hybrid"] = S["dense"] + cfg.bow_weight * S["bow"]
+    S["hybrid"] = S["dense"] + S["bow"]
     tau = cfg.temperature
     total = 0.0
     names = ("hybrid", "dense", "bow") if cfg.mode == "hybrid" else (cfg.mode,)
@@ -92,14 +92,19 @@ def naive_loss(model: RetrieverTraining, b: dict) -> torch.Tensor:
             t = F.softmax(b["teacher_scores"][i] / cfg.teacher_temperature, 0)
             s = F.log_softmax(S[cfg.mode][i, i * group : (i + 1) * group] / tau, 0)
             total = total + cfg.distill_weight * (t * (t.log() - s)).sum()
+    if cfg.bow_flops_weight:
+        vocab = pm.shape[1]
+        for v in range(vocab):
+            mean = sum(abs(cfg.bow_weight * pm[j, v]) if v in kept[j] else 0.0 for j in range(n_p)) / n_p
+            total = total + cfg.bow_flops_weight * mean ** 2 * n_q
     return total / n_q
 
 
 @pytest.mark.parametrize("settings", [
     dict(mode="hybrid", self_distill=True, distill_weight=0.5, bow_top_k=7, temperature=0.7, bow_weight=0.3),
-    dict(mode="hybrid", self_distill=False, bow_top_k=60, dense_dim=0),
+    dict(mode="hybrid", self_distill=False, bow_top_k=60, dense_dim=0, bow_flops_weight=0.01),
     dict(mode="dense", dense_dim=5, distill_weight=1.0, contrastive_weight=0.0, teacher_temperature=2.0),
-    dict(mode="bow", bow_top_k=4),
+    dict(mode="bow", bow_top_k=4, bow_weight=0.2, bow_flops_weight=0.5),
 ])
 def test_loss_and_gradients_equal_the_naive_definition(settings):
     cfg = RetrieverConfig(encoder="x", kernels="reference", **settings)

@@ -14,6 +14,10 @@ Losses (sums over queries, divided by the trainer's global query count; temperat
                  for the dense and the BoW part: BGE-M3's unified fine-tuning
     teacher_kd   (model.distill_weight > 0, data with teacher scores) KL(softmax(t / tau_t) || softmax(s / tau))
                  over each query's own group: stage 3, distillation from any scorer
+    bow_flops    (model.bow_flops_weight > 0) sum over ids of (mean over the batch's documents of the kept
+                 |bow_weight * mu|)^2: SPLADE's FLOPS, which is largest for ids every document keeps
+s_bow = bow_weight * sum over the document's kept ids of mu_q * mu_d: raw MLM logits make this part ~50-200x
+the dense part at the start (`bow_to_dense` in the logs), so bow_weight scales it in every term it enters.
 Documents keep their top-k of mu inside this forward (what is trained is what is served).
 """
 from __future__ import annotations
@@ -38,7 +42,8 @@ class RetrieverConfig:
     normalize: bool = False  # cosine instead of dot product for the dense part
     bow_top_k: int = 384  # entries of mu a document keeps (queries keep all)
     mode: str = "hybrid"  # what is trained and served: hybrid | dense | bow
-    bow_weight: float = 1.0  # s_hybrid = s_dense + bow_weight * s_bow (1: the paper)
+    bow_weight: float = 1.0  # the BoW part's scale: s_bow = bow_weight * mu_q . mu_d, s_hybrid = s_dense + s_bow (1: the paper)
+    bow_flops_weight: float = 0.0  # penalty on ids every document keeps: sum_v (mean over the batch's documents of |s_bow weight|)^2
     temperature: float = 1.0  # 1: the raw dot product of the paper and the reference
     cross_rank_negatives: bool = True  # score against every rank's passages
     self_distill: bool = False  # hybrid mode: each part also learns from the detached hybrid score
@@ -63,6 +68,8 @@ class RetrieverConfig:
             raise ValueError("model.dense_dim must be >= 0 and model.bow_top_k >= 1")
         if self.temperature <= 0 or self.teacher_temperature <= 0:
             raise ValueError("model.temperature and model.teacher_temperature must be > 0")
+        if self.bow_weight <= 0 or self.bow_flops_weight < 0:
+            raise ValueError("model.bow_weight must be > 0 and model.bow_flops_weight >= 0")
         if self.distill_weight < 0 or self.contrastive_weight < 0 or self.distill_weight + self.contrastive_weight == 0:
             raise ValueError("model.distill_weight and model.contrastive_weight must be >= 0, not both 0")
 
@@ -73,6 +80,8 @@ class RetrieverConfig:
             names.append("self_kd")
         if self.distill_weight > 0:
             names.append("teacher_kd")
+        if self.bow_flops_weight > 0 and self.mode != "dense":
+            names.append("bow_flops")
         if self.mode != "dense":
             names += ["bow_shared", "bow_to_dense"]
         return tuple(names)
@@ -216,9 +225,9 @@ class RetrieverTraining(nn.Module):
         if q_dense is not None:
             s["dense"] = q_dense @ p_dense.t()
         if q_mu is not None:
-            s["bow"] = q_mu @ p_mu.t()
+            s["bow"] = cfg.bow_weight * (q_mu @ p_mu.t())
         if cfg.mode == "hybrid":
-            s["hybrid"] = s["dense"] + cfg.bow_weight * s["bow"]
+            s["hybrid"] = s["dense"] + s["bow"]
         tau = cfg.temperature
         terms = {}
         for name in (("hybrid", "dense", "bow") if cfg.mode == "hybrid" else (cfg.mode,)):
@@ -236,6 +245,11 @@ class RetrieverTraining(nn.Module):
             student = s[cfg.mode].gather(1, cols) / tau
             terms["teacher_kd"] = _kl(teacher.to(student.dtype) / cfg.teacher_temperature, student)
             loss = loss + cfg.distill_weight * terms["teacher_kd"]
+        if cfg.bow_flops_weight > 0 and p_mu is not None:
+            # SPLADE's FLOPS regularizer on the kept document weights: large exactly for ids that every
+            # document keeps (the max-pool collapse); per micro batch, so scaled to the query sums above
+            terms["bow_flops"] = (cfg.bow_weight * p_mu).abs().mean(0).pow(2).sum() * n_q
+            loss = loss + cfg.bow_flops_weight * terms["bow_flops"]
         denom = max(float((denominators or {"queries": n_q / world})["queries"]), 1e-12)
         loss = loss / denom
         # every rank computed the loss of the global micro batch: each reports its 1/world share of it
