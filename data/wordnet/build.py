@@ -9,6 +9,9 @@ Writes, in BEIR layout:
   queries.jsonl    one usage example for a seeded sample of synsets (only examples that contain one of the
                    synset's lemmas, so the query is a real use of the word)
   qrels/test.tsv   query -> the synset whose example it is (score 1)
+  qrels/train.tsv  the same for the training queries ("t1", "t2", ..., after the test queries in
+                   queries.jsonl): one usage example each of synsets in the corpus that no test query judges,
+                   for fine-tuning (`--train-queries`)
 
 The retrieval task is honest: a query is a real sentence that uses a word, written by WordNet's
 lexicographers; it is never part of the corpus; the one relevant document is the definition of the sense
@@ -24,6 +27,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -54,6 +58,33 @@ def uses_a_lemma(example: str, lemmas: list[str]) -> bool:
     return any(re.search(r"\b" + re.escape(lemma), example, re.IGNORECASE) for lemma in lemmas)
 
 
+def normalized(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def draw_train_queries(synsets: list, in_corpus: set[str], test: list, n: int, seed: int) -> list:
+    """(qid, text, synset) for up to n training queries: one usage example each of synsets in the corpus that
+    no test query judges. No leak: a test synset is never a training positive, and no training text equals
+    a test query (compared lower-cased, punctuation ignored). An example shared by several synsets is left
+    out (its label would be ambiguous). A separate RNG, drawn after the corpus and the test split are
+    decided, so those stay byte-identical whatever n is."""
+    test_synsets = {sid for _, _, sid in test}
+    test_texts = {normalized(text) for _, text, _ in test}
+    shared = Counter(normalized(e) for s in synsets for e in set(s[3]))
+    candidates = [s for s in synsets if s[3] and s[0] in in_corpus and s[0] not in test_synsets]
+    rng = random.Random(f"train-{seed}")
+    rng.shuffle(candidates)
+    train = []
+    for sid, lemmas, _, examples in candidates:
+        if len(train) == n:
+            break
+        usable = [e for e in examples if uses_a_lemma(e, lemmas) and len(e.split()) >= 4
+                  and shared[normalized(e)] == 1 and normalized(e) not in test_texts]
+        if usable:
+            train.append((f"t{len(train) + 1}", rng.choice(usable), sid))
+    return train
+
+
 def fetch_wordnet(tmp: Path) -> Path:
     subprocess.run(["apt-get", "download", "wordnet-base"], cwd=tmp, check=True)
     deb = next(tmp.glob("wordnet-base_*.deb"))
@@ -66,6 +97,7 @@ def main() -> None:
     ap.add_argument("--wordnet-dir", type=Path, help="folder with data.noun etc. (default: apt-get download)")
     ap.add_argument("--out", type=Path, default=HERE)
     ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--train-queries", type=int, default=5000, help="training queries (qrels/train.tsv)")
     ap.add_argument("--seed", type=int, default=20061206)
     ap.add_argument("--max-bytes", type=int, default=4_800_000, help="cap on corpus.jsonl size")
     args = ap.parse_args()
@@ -98,18 +130,21 @@ def main() -> None:
         size += len(line.encode()) + 1
     order = {s[0]: i for i, s in enumerate(synsets)}
     lines.sort(key=lambda x: order[x[0]])
+    train = draw_train_queries(synsets, {sid for sid, _ in lines}, queries, args.train_queries, args.seed)
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "corpus.jsonl").write_text("".join(line + "\n" for _, line in lines), encoding="utf-8")
     with open(args.out / "queries.jsonl", "w", encoding="utf-8") as f:
-        for qid, text, _ in queries:
+        for qid, text, _ in queries + train:
             f.write(json.dumps({"_id": qid, "text": text}, ensure_ascii=False) + "\n")
     (args.out / "qrels").mkdir(exist_ok=True)
-    with open(args.out / "qrels/test.tsv", "w", encoding="utf-8") as f:
-        f.write("query-id\tcorpus-id\tscore\n")
-        for qid, _, sid in queries:
-            f.write(f"{qid}\t{sid}\t1\n")
-    print(f"{len(lines)} documents ({size / 1e6:.2f} MB) of {len(synsets)} synsets, {len(queries)} queries")
+    for split, judged in (("test", queries), ("train", train)):
+        with open(args.out / f"qrels/{split}.tsv", "w", encoding="utf-8") as f:
+            f.write("query-id\tcorpus-id\tscore\n")
+            for qid, _, sid in judged:
+                f.write(f"{qid}\t{sid}\t1\n")
+    print(f"{len(lines)} documents ({size / 1e6:.2f} MB) of {len(synsets)} synsets, {len(queries)} test queries, "
+          f"{len(train)} training queries")
 
 
 if __name__ == "__main__":

@@ -130,11 +130,11 @@ class FinetuneTask:
         try:
             data = load_training_data(cfg.data.train if len(cfg.data.train) > 1 else cfg.data.train[0],
                                       fmt=cfg.data.format, split=cfg.data.split, strict=cfg.data.strict, log=log)
+            self.dataset = GroupDataset(data, cfg.data.group_size, cfg.data.seed)
         except FinetuneDataError as e:
             raise ConfigError(str(e)) from None
         if cfg.model.distill_weight > 0 and data.pos_scores is None:
             raise ConfigError("model.distill_weight > 0 needs teacher scores (pos_scores / neg_scores) in the data")
-        self.dataset = GroupDataset(data, cfg.data.group_size, cfg.data.seed)
         self.sampler = GlobalBatchSampler(len(self.dataset), cfg.data.micro_batch, cfg.data.grad_accum, world, rank,
                                           cfg.data.seed, tag_epoch=True)
         self.tokenizer_path = str(resolve_tokenizer_path(cfg.model.encoder))
