@@ -135,6 +135,11 @@ def test_finetune_logs_evaluates_and_checkpoints(tmp_path, tiny_beir, tiny_encod
     assert list((run_dir / "tensorboard").glob("events.*"))
     err = capsys.readouterr().err
     assert "[finetune]" in err and "eval step 2 | hybrid on" in err and "ndcg@10" in err
+    assert "model.bow_weight calibrated to" in err
+    import tomllib
+
+    resolved = tomllib.loads((run_dir / "config.toml").read_text())["model"]["bow_weight"]
+    assert resolved > 0 and f"calibrated to {resolved:g}" in err  # the run dir records what was trained
 
 
 @pytest.mark.parametrize("grad_cache", [0, 3])
@@ -162,9 +167,12 @@ def test_gradient_caching_equals_the_plain_loss(tmp_path, tiny_beir, no_dropout_
         out[chunk] = records(run_dir)
     plain, cached = ([r for r in out[c] if "loss" in r] for c in (0, 3))
     assert len(plain) == len(cached) == 5
-    for p, c in zip(plain, cached):  # same updates: the losses after them agree to float32 noise
+    # same updates: the losses after them agree to float32 noise; gradient norms to 1e-3 (chunks pad to their own
+    # longest text, which moves logits by float32 noise and can swap a near-tie at the document top-k's edge;
+    # measured 5e-4 at worst, while a wrong scale of the cached gradients changes them by whole factors)
+    for p, c in zip(plain, cached):
         assert c["loss"] == pytest.approx(p["loss"], rel=1e-5)
-        assert c["grad_norm"] == pytest.approx(p["grad_norm"], rel=1e-4)
+        assert c["grad_norm"] == pytest.approx(p["grad_norm"], rel=1e-3)
     assert plain[0]["loss"] != plain[-1]["loss"]  # it trained
 
 

@@ -107,7 +107,7 @@ def naive_loss(model: RetrieverTraining, b: dict) -> torch.Tensor:
     dict(mode="bow", bow_top_k=4, bow_weight=0.2, bow_flops_weight=0.5),
 ])
 def test_loss_and_gradients_equal_the_naive_definition(settings):
-    cfg = RetrieverConfig(encoder="x", kernels="reference", **settings)
+    cfg = RetrieverConfig(encoder="x", kernels="reference", **({"bow_weight": 1.0} | settings))
     cfg.validate()
     b = batch(3, 2)
     ours_model, naive_model = tiny_model(cfg), tiny_model(cfg)
@@ -125,7 +125,7 @@ def test_loss_and_gradients_equal_the_naive_definition(settings):
 
 def test_document_top_k_is_applied_in_training():
     """A document id outside the top-k contributes nothing: changing the query's weight there changes no score."""
-    cfg = RetrieverConfig(encoder="x", kernels="reference", mode="bow", bow_top_k=3)
+    cfg = RetrieverConfig(encoder="x", kernels="reference", mode="bow", bow_top_k=3, bow_weight=1.0)
     model = tiny_model(cfg)
     b = batch(2, 2)
     rep = model.retriever.represent(b["p_input_ids"], b["p_attention_mask"], ("bow",))
@@ -149,7 +149,7 @@ def _rank_worker(rank: int, world: int, port: int, settings: dict, out: dict) ->
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        cfg = RetrieverConfig(encoder="x", kernels="reference", **settings)
+        cfg = RetrieverConfig(encoder="x", kernels="reference", **({"bow_weight": 1.0} | settings))
         model = tiny_model(cfg)
         full = batch(4, 3)
         n_q, group = 4 // world, 3
@@ -181,7 +181,7 @@ def _rank_worker(rank: int, world: int, port: int, settings: dict, out: dict) ->
 def test_two_ranks_equal_one_process_on_the_whole_batch(settings):
     import torch.multiprocessing as mp
 
-    cfg = RetrieverConfig(encoder="x", kernels="reference", **settings)
+    cfg = RetrieverConfig(encoder="x", kernels="reference", **({"bow_weight": 1.0} | settings))
     model = tiny_model(cfg)
     whole = model(batch(4, 3))
     whole.loss.backward()
@@ -213,3 +213,19 @@ def test_without_cross_rank_negatives_the_ranks_differ_from_one_process():
         mp.spawn(_rank_worker, args=(2, _free_port(), settings, out), nprocs=2, join=True)
         loss = out["loss"]
     assert abs(loss / 2 - whole.parts["loss"]) > 1e-3
+
+
+def test_bow_weight_calibration_equalizes_the_spreads():
+    cfg = RetrieverConfig(encoder="x", kernels="reference", mode="hybrid", bow_top_k=9)
+    model = tiny_model(cfg)
+    b = batch(3, 2)
+    w = model.calibrate_bow_weight(b)
+    assert model.training  # restored
+    cfg.bow_weight = w
+    with torch.no_grad():
+        q = model.retriever.represent(b["q_input_ids"], b["q_attention_mask"])
+        p = model.retriever.represent(b["p_input_ids"], b["p_attention_mask"])
+        from dupmae.engine.representation import scatter_top_k
+
+        ratio = float((w * (q.mu @ scatter_top_k(p.mu, 9).t())).std() / (q.dense @ p.dense.t()).std())
+    assert ratio == pytest.approx(1.0, rel=5e-3)  # 3 significant digits

@@ -144,6 +144,16 @@ class FinetuneTask:
     def build_model(self) -> RetrieverTraining:
         model = RetrieverTraining(build_retriever(self.cfg.model), self.cfg.model)
         self.model_config = model.config
+        m = self.cfg.model
+        if m.mode != "dense" and m.bow_weight == 0:
+            # the same batch on every rank (the first micro batch of global step 0) and the starting weights:
+            # the value is a function of the recipe, so a resumed run computes it again identically
+            first = self.sampler.global_batch_ids(0)[: self.cfg.data.micro_batch]
+            batch = self.collator([self.dataset[int(i)] for i in first])
+            m.bow_weight = model.calibrate_bow_weight(batch)
+            if self.rank == 0:
+                print(f"[finetune] model.bow_weight calibrated to {m.bow_weight:g} (std of dense / std of BoW scores "
+                      "on the first batch; set it in the recipe to fix it)", file=__import__("sys").stderr, flush=True)
         return model
 
     @staticmethod
