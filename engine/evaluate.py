@@ -210,7 +210,8 @@ def bm25_search(data: BeirData, k: int = 100):
 # -- the command ---------------------------------------------------------------------------------------
 
 def evaluate(model: str | Path | None, data_dir: str | Path, split: str = "test", modes=("dense", "bow", "hybrid"),
-             bm25: bool = True, batch_size: int = 64, cache_dir: str | Path | None = None, bow_weight: float = 1.0,
+             bm25: bool = True, batch_size: int = 64, cache_dir: str | Path | None = None,
+             bow_weight: float | None = None,
              skip_invalid: bool = False, progress: bool = True, log=lambda m: None, max_queries: int | None = None,
              max_documents: int | None = None, **rep_overrides) -> dict:
     """Evaluate and return the report (also what `--out` writes)."""
@@ -230,18 +231,21 @@ def evaluate(model: str | Path | None, data_dir: str | Path, split: str = "test"
               if (max_queries or max_documents) else None, "invalid_entries": len(data.problems),
               "metrics_library": "pytrec_eval", "rows": {}, "seconds": {}}
     if model is not None and modes:
-        from .encoder import DupMAEEncoder
+        from .encoder import DupMAEEncoder, parts_for
 
         try:
             encoder = DupMAEEncoder.from_pretrained(model, **rep_overrides)
         except (OSError, ValueError) as e:
             raise EvalError(f"--model {model}: {e}") from e
+        if bow_weight is None:  # the model's own weight (a fine-tuned export records what it was trained with)
+            bow_weight = model_bow_weight(encoder.source)
         report["model"] = encoder.describe() | {"bow_weight": bow_weight}
         t = time.perf_counter()
+        parts = parts_for(modes)  # a dense-only evaluation never projects onto the vocabulary
         docs = cached_encode(encoder, data.corpus_texts, "document", cache_dir, batch_size, progress,
-                             "encoding the corpus", log)
+                             "encoding the corpus", log, modes=parts)
         queries = cached_encode(encoder, data.query_texts, "query", cache_dir, batch_size, progress,
-                                "encoding the queries", log)
+                                "encoding the queries", log, modes=parts)
         report["seconds"]["encode"] = round(time.perf_counter() - t, 2)
         for mode in modes:
             t = time.perf_counter()
@@ -255,6 +259,16 @@ def evaluate(model: str | Path | None, data_dir: str | Path, split: str = "test"
         report["seconds"]["bm25"] = round(time.perf_counter() - t, 2)
     report["seconds"]["total"] = round(time.perf_counter() - t0, 2)
     return report
+
+
+def model_bow_weight(folder) -> float:
+    """representation.bow_weight of a model folder's dupmae.json (a fine-tuned export), else 1.0 (the paper)."""
+    path = Path(folder) / "dupmae.json"
+    if path.is_file():
+        w = json.loads(path.read_text(encoding="utf-8")).get("representation", {}).get("bow_weight")
+        if isinstance(w, (int, float)) and w > 0:
+            return float(w)
+    return 1.0
 
 
 def format_table(report: dict, title: str | None = None) -> str:
@@ -276,7 +290,8 @@ def add_arguments(p) -> None:
     p.add_argument("--modes", default="dense,bow,hybrid", help="comma-separated: dense, bow, hybrid")
     p.add_argument("--no-bm25", action="store_true", help="leave out the BM25 row")
     p.add_argument("--bm25-only", action="store_true", help="only the BM25 row (no model)")
-    p.add_argument("--bow-weight", type=float, default=1.0, help="hybrid = dense + w * bow (default 1: the paper)")
+    p.add_argument("--bow-weight", type=float, default=None,
+                   help="hybrid = dense + w * bow (default: the model's dupmae.json, else 1: the paper)")
     p.add_argument("--top-k", type=int, default=None, help="BoW entries kept per document (default: dupmae.json)")
     p.add_argument("--query-top-k", type=int, default=None, help="BoW entries kept per query (0: all)")
     p.add_argument("--dense", default=None, choices=["cls", "mean"], help="dense vector (default: dupmae.json)")

@@ -42,6 +42,13 @@ def search(queries: Encoded, corpus: Encoded, mode: str, k: int = 100, bow_weigh
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if len(corpus) == 0:
         raise ValueError("the corpus is empty")
+    for what, e in (("queries", queries), ("corpus", corpus)):
+        if mode in ("bow", "hybrid") and not e.has_bow:
+            raise ValueError(f"search mode {mode!r}: the {what} were encoded without their BoW part "
+                             f"(modes={tuple(e.meta.get('modes', ('dense',)))}): encode with modes including 'bow'")
+        if mode in ("dense", "hybrid") and not e.has_dense:
+            raise ValueError(f"search mode {mode!r}: the {what} were encoded without their dense part "
+                             f"(modes={tuple(e.meta.get('modes', ('bow',)))}): encode with modes including 'dense'")
     if mode == "dense":
         import faiss
 
@@ -89,23 +96,45 @@ def texts_fingerprint(texts: list[str]) -> str:
 
 
 def cached_encode(encoder, texts: list[str], kind: str, cache_dir: str | Path | None, batch_size: int = 64,
-                  progress: bool = False, desc: str | None = None, log=lambda m: None) -> Encoded:
+                  progress: bool = False, desc: str | None = None, log=lambda m: None,
+                  modes=("dense", "bow")) -> Encoded:
     """`encoder.encode(...)`, read from / written to `cache_dir` (None: no cache). The key covers the model
-    files, the representation settings, the kind and every text."""
+    files (W_cls's `dense_projection.safetensors` included), the representation settings, the kind, the parts
+    encoded (`modes`) and every text. A request for one part is also served from a cached file of both."""
+    from .encoder import PARTS, parts_for
+
+    parts = parts_for(modes)
     if cache_dir is None:
-        return encoder.encode(texts, batch_size=batch_size, kind=kind, progress=progress, desc=desc)
-    key = hashlib.sha256(json.dumps([model_fingerprint(encoder.source), encoder.describe(), kind,
-                                     texts_fingerprint(texts), len(texts)]).encode()).hexdigest()[:24]
-    path = Path(cache_dir) / f"{kind}-{key}.npz"
-    if path.is_file():
+        return encoder.encode(texts, batch_size=batch_size, kind=kind, modes=parts, progress=progress, desc=desc)
+
+    def path_for(p):
+        key = hashlib.sha256(json.dumps([model_fingerprint(encoder.source), encoder.describe(), kind, list(p),
+                                         texts_fingerprint(texts), len(texts)]).encode()).hexdigest()[:24]
+        return Path(cache_dir) / f"{kind}-{key}.npz"
+
+    path = path_for(parts)
+    for candidate in ([path] if parts == PARTS else [path, path_for(PARTS)]):
+        if not candidate.is_file():
+            continue
         try:
-            out = Encoded.load(path)
+            out = Encoded.load(candidate)
             if len(out) == len(texts):
-                log(f"[eval] {len(texts):,} {kind} embeddings from the cache {path}")
-                return out
+                log(f"[eval] {len(texts):,} {kind} embeddings from the cache {candidate}")
+                return _only(out, parts)
         except Exception as e:  # a damaged cache file is re-made, never trusted
-            log(f"[eval] ignoring unreadable cache file {path}: {e}")
-    out = encoder.encode(texts, batch_size=batch_size, kind=kind, progress=progress, desc=desc)
+            log(f"[eval] ignoring unreadable cache file {candidate}: {e}")
+    out = encoder.encode(texts, batch_size=batch_size, kind=kind, modes=parts, progress=progress, desc=desc)
     path.parent.mkdir(parents=True, exist_ok=True)
     out.save(path)
     return out
+
+
+def _only(e: Encoded, parts) -> Encoded:
+    """`e` with the parts not in `parts` emptied."""
+    n = len(e)
+    dense = e.dense if "dense" in parts else np.zeros((n, 0), np.float32)
+    if "bow" in parts:
+        ids, values = e.bow_ids, e.bow_values
+    else:
+        ids, values = np.zeros((n, 0), np.int32), np.zeros((n, 0), np.float32)
+    return Encoded(dense, ids, values, e.vocab_size, dict(e.meta, modes=list(parts)))
