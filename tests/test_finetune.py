@@ -219,3 +219,115 @@ def test_launch_and_batch_scripts_run_the_finetune_task(tmp_path, tiny_beir, tin
         assert '"$(command -v dupmae)" "${DUPMAE_TASK:-pretrain}" --config' in template_path(variant).read_text()
     with pytest.raises(SystemExit):  # a pre-training recipe is not a fine-tuning one: refused before launching
         build_parser().parse_args(["launch", "--task", "bogus", "-c", str(recipe)])
+
+
+def test_trainer_scores_equal_the_exported_encoder_and_search(tmp_path, tiny_beir, tiny_encoder, one_rank):
+    """What is trained is what is served: the fine-tuned model's Eq. 12 scores, computed the way the training
+    forward computes them (documents cut to their top-k by the same forward), equal `DupMAEEncoder` + `search`
+    on the export; and the trainer's own dev NDCG@10 at the last step equals `dupmae eval` of that export."""
+    import numpy as np
+    import torch
+
+    from dupmae.engine.encoder import DupMAEEncoder
+    from dupmae.engine.evaluate import evaluate, load_beir
+    from dupmae.engine.export import consolidated_state_dict, export
+    from dupmae.engine.finetune.model import RetrieverTraining
+    from dupmae.engine.finetune.task import build_retriever
+    from dupmae.engine.retrieval import search
+
+    run_dir = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.toml", run_dir, tiny_encoder, tiny_beir,
+                          data={"dev": str(tiny_beir), "query_max_len": 32, "passage_max_len": 32},
+                          train={"max_steps": 3, "eval_every": 3})
+    assert run(recipe) == 0
+    logged = [r for r in records(run_dir) if "eval/ndcg_at_10" in r][-1]
+    out = export(run_dir, tmp_path / "export")
+
+    cfg = load_finetune_config(run_dir / "config.toml")
+    model = RetrieverTraining(build_retriever(cfg.model), cfg.model)
+    missing, unexpected = model.load_state_dict(consolidated_state_dict(run_dir / "checkpoints", "step3"),
+                                                strict=False)
+    assert not unexpected and all("decoder" in k or "predictions.bias" in k for k in missing), missing
+    model.lm.tie_weights()
+    model.eval()
+    data = load_beir(tiny_beir, "test")
+    queries, docs = data.query_texts, data.corpus_texts[:40]
+    from transformers import AutoTokenizer
+
+    model_tokenizer = AutoTokenizer.from_pretrained(str(tiny_encoder))
+    with torch.no_grad():
+        def rep(texts, kind):
+            b = model_tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+            return model({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}, encode=kind)
+
+        q, d = rep(queries, "query"), rep(docs, "document")
+        trained = (q.dense @ d.dense.t() + cfg.model.bow_weight * (q.mu @ d.mu.t())).numpy()
+    enc = DupMAEEncoder.from_pretrained(out)
+    settings = json.loads((out / "dupmae.json").read_text())["representation"]
+    assert settings["bow_weight"] == cfg.model.bow_weight
+    scores, idx = search(enc.encode(queries, kind="query"), enc.encode(docs), "hybrid", k=len(docs),
+                         bow_weight=settings["bow_weight"])
+    served = np.zeros_like(trained)
+    np.put_along_axis(served, idx, scores, axis=1)
+    np.testing.assert_allclose(served, trained, rtol=1e-4, atol=1e-4 * np.abs(trained).max())
+
+    report = evaluate(out, tiny_beir, "test", modes=("hybrid",), bm25=False, bow_weight=settings["bow_weight"])
+    assert report["rows"]["hybrid"]["ndcg@10"] == pytest.approx(logged["eval/ndcg_at_10"], abs=1e-6)
+    assert report["rows"]["hybrid"]["recall@100"] == pytest.approx(logged["eval/recall_at_100"], abs=1e-6)
+
+
+def stand_in_teacher(query: str, passage: str) -> float:
+    """A scorer standing in for a cross-encoder: the share of the query's words found in the passage."""
+    q = set(query.lower().split())
+    return len(q & set(passage.lower().split())) / max(len(q), 1)
+
+
+def test_stage_3_distills_teacher_scores_from_flagembedding_jsonl(tmp_path, tiny_beir, tiny_encoder, one_rank):
+    from dupmae.engine.config import ConfigError
+    from dupmae.engine.evaluate import load_beir
+
+    data = load_beir(tiny_beir, "train")
+    text = dict(zip(data.corpus_ids, data.corpus_texts))
+    path = tmp_path / "distill.jsonl"
+    with open(path, "w") as f:
+        for i, (qid, query) in enumerate(zip(data.query_ids, data.query_texts)):
+            pos = [text[d] for d in data.qrels[qid]]
+            neg = [data.corpus_texts[(7 * i + j) % len(data.corpus_texts)] for j in range(3)]
+            neg = [n for n in neg if n not in pos]
+            f.write(json.dumps({"query": query, "pos": pos, "neg": neg,
+                                "pos_scores": [stand_in_teacher(query, p) for p in pos],
+                                "neg_scores": [stand_in_teacher(query, n) for n in neg]}) + "\n")
+    run_dir = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.toml", run_dir, tiny_encoder, path,
+                          model={"distill_weight": 1.0, "teacher_temperature": 0.1}, train={"max_steps": 3})
+    assert run(recipe) == 0
+    steps = [r for r in records(run_dir) if "loss" in r]
+    assert len(steps) == 3 and all(r["teacher_kd"] > 0 for r in steps)
+    # the same recipe on data without teacher scores is refused before training
+    with pytest.raises(ConfigError, match="teacher scores"):
+        run(write_recipe(tmp_path / "b.toml", tmp_path / "b", tiny_encoder, tiny_beir, model={"distill_weight": 1.0}))
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, tiny_beir, no_dropout_encoder, one_rank,
+                                                        monkeypatch):
+    from transformers import BertForMaskedLM
+
+    enabled = []
+    original = BertForMaskedLM.gradient_checkpointing_enable
+
+    def record(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        enabled.append(all(layer.gradient_checkpointing for layer in self.bert.encoder.layer))
+
+    monkeypatch.setattr(BertForMaskedLM, "gradient_checkpointing_enable", record)
+    out = {}
+    for flag in (False, True):
+        run_dir = tmp_path / f"ckpt{flag}"
+        recipe = write_recipe(tmp_path / f"c{flag}.toml", run_dir, no_dropout_encoder, tiny_beir, dropout=False,
+                              train={"max_steps": 3, "activation_checkpointing": flag})
+        assert run(recipe) == 0
+        out[flag] = losses(run_dir)
+    assert enabled == [True]  # once, for the run that asked, and it took
+    assert out[True].keys() == out[False].keys() == {1, 2, 3}
+    for step in out[False]:
+        assert out[True][step] == pytest.approx(out[False][step], rel=1e-6)

@@ -146,9 +146,9 @@ class FinetuneTask:
         self.model_config = model.config
         m = self.cfg.model
         if m.mode != "dense" and m.bow_weight == 0:
-            # the same batch on every rank (the first micro batch of global step 0) and the starting weights:
-            # the value is a function of the recipe, so a resumed run computes it again identically
-            first = self.sampler.global_batch_ids(0)[: self.cfg.data.micro_batch]
+            # the same texts on every rank, whatever the split of the global batch (its first 64 queries at most)
+            # and the starting weights: a function of the recipe, so a resumed run computes it again identically
+            first = self.sampler.global_batch_ids(0)[:64]
             batch = self.collator([self.dataset[int(i)] for i in first])
             m.bow_weight = model.calibrate_bow_weight(batch)
             if self.rank == 0:
