@@ -173,8 +173,12 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)
         model = task.build_model()
-        if cfg.train.activation_checkpointing:
-            model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.train.activation_checkpointing:  # non-reentrant: works with DeepSpeed and the custom kernels' autograd
+            enable = getattr(model.lm, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:  # transformers before the rename
+                model.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for p in task.external_parameters(model):  # ZeRO-3: weights used outside their module's forward
             deepspeed.zero.register_external_parameter(model, p)
 

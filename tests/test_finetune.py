@@ -313,13 +313,15 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, tiny_beir, no_
     from transformers import BertForMaskedLM
 
     enabled = []
-    original = BertForMaskedLM.gradient_checkpointing_enable
+    name = ("activation_checkpointing_enable" if hasattr(BertForMaskedLM, "activation_checkpointing_enable")
+            else "gradient_checkpointing_enable")
+    original = getattr(BertForMaskedLM, name)
 
     def record(self, *args, **kwargs):
         original(self, *args, **kwargs)
         enabled.append(all(layer.gradient_checkpointing for layer in self.bert.encoder.layer))
 
-    monkeypatch.setattr(BertForMaskedLM, "gradient_checkpointing_enable", record)
+    monkeypatch.setattr(BertForMaskedLM, name, record)
     out = {}
     for flag in (False, True):
         run_dir = tmp_path / f"ckpt{flag}"
