@@ -34,7 +34,7 @@ BERT_BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_at
 LINE = re.compile(r"step (\d+)/\d+ \| .*?\| ([\d,]+) tok/s .*?\| MFU ([\d.]+)% \| .*?\| mem ([\d.]+) GiB")
 
 
-def _recipe(impl: str, shards: Path, steps: int, micro_batch: int) -> Path:
+def _recipe(impl: str, shards: Path, steps: int, micro_batch: int, zero: int = 1) -> Path:
     cfg = f"""
 [model]
 encoder_config = {{ {", ".join(f"{k} = {v}" for k, v in BERT_BASE.items())} }}
@@ -58,7 +58,7 @@ lr = 1e-4
 warmup = 0.1
 
 [zero]
-stage = 1
+stage = {zero}
 
 [checkpoint]
 every = 1000000
@@ -67,9 +67,35 @@ keep_last = 1
 [logging]
 every = 5
 """
-    path = WORK / f"{impl}.toml"
+    path = WORK / f"{impl}-zero{zero}.toml"
     path.write_text(cfg)
     return path
+
+
+def _profile_trainer_steps(out: Path) -> None:
+    """torch.profiler over three whole trainer steps (after 15 + 2 warm-up ones): a table of the top operators
+    by host time and by device time in `out`, to see what the trainer adds to the model's own step."""
+    import deepspeed
+    import torch
+
+    def ready(prof):
+        avg = prof.key_averages()
+        out.write_text(avg.table(sort_by="cpu_time_total", row_limit=30) + "\n\n"
+                       + avg.table(sort_by="cuda_time_total", row_limit=30))
+
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                              torch.profiler.ProfilerActivity.CUDA],
+                                  schedule=torch.profiler.schedule(wait=15, warmup=2, active=3, repeat=1),
+                                  on_trace_ready=ready)
+    prof.start()
+    step = deepspeed.DeepSpeedEngine.step
+
+    def profiled_step(self, *a, **k):
+        r = step(self, *a, **k)
+        prof.step()  # grad_accum is 1 here: one engine step per trainer step
+        return r
+
+    deepspeed.DeepSpeedEngine.step = profiled_step
 
 
 def child(impl: str, recipe: str) -> int:
@@ -79,6 +105,8 @@ def child(impl: str, recipe: str) -> int:
     from dupmae.engine.trainer import run
 
     cfg = load_config(recipe, [])
+    if os.environ.get("BENCH_PROFILE_TRAINER"):
+        _profile_trainer_steps(Path(os.environ["BENCH_PROFILE_TRAINER"]))
     if impl != "naive":
         return run(cfg, PretrainTask(cfg))
 
@@ -111,16 +139,70 @@ def child(impl: str, recipe: str) -> int:
     return run(cfg, NaiveTask(cfg))
 
 
+def profile(impl: str, recipe: str) -> None:
+    """In this process: forward+backward of the model alone (bf16 weights, no optimizer, no DeepSpeed) on one
+    batch of the same data, timed with CUDA synchronization, then a torch.profiler table of the top operators:
+    what the trainer adds is the difference to the trainer's step."""
+    import time
+
+    import torch
+
+    from dupmae.engine.config import load_config
+    from dupmae.engine.pretrain import PretrainTask
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from naive_dupmae import naive_losses
+
+    cfg = load_config(recipe, [])
+    task = PretrainTask(cfg)
+    task.setup_data(1, 0)
+    model = task.build_model().cuda().to(torch.bfloat16).train()
+    batch = task.collator([task.dataset[i] for i in range(cfg.data.micro_batch)])
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    tokens = int(batch["lengths"].sum())
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = naive_losses(model, batch)["total"] if impl == "naive" else model(batch).loss
+        loss.backward()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        step()
+    torch.cuda.synchronize()
+    secs = (time.perf_counter() - t) / 10
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    (WORK / f"profile-{impl}.txt").write_text(table)
+    print(f"model only {impl:9} {secs * 1e3:8.1f} ms fwd+bwd  {tokens / secs:>10,.0f} tok/s  "
+          f"batch {tuple(batch['input_ids'].shape)}  peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB",
+          flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder for dupmae prepare (default: packaged)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--micro-batch", type=int, default=32)
     ap.add_argument("--impl", choices=IMPLS, action="append")
+    ap.add_argument("--zero", type=int, default=1, help="ZeRO stage (default 1)")
+    ap.add_argument("--profile-trainer", action="store_true",
+                    help="torch.profiler tables of three whole trainer steps per impl (work/bench-train-gpu/)")
+    ap.add_argument("--profile", action="store_true", help="also time the model alone and profile it per impl")
     ap.add_argument("--child", nargs=2, metavar=("IMPL", "RECIPE"), help=argparse.SUPPRESS)
+    ap.add_argument("--profile-child", nargs=2, metavar=("IMPL", "RECIPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         sys.exit(child(*args.child))
+    if args.profile_child:
+        profile(*args.profile_child)
+        return
 
     import torch
 
@@ -148,12 +230,14 @@ def main() -> None:
                             text=True).stdout.strip()
     rows = []
     for impl in args.impl or IMPLS:
-        recipe = _recipe(impl, shards, args.steps, args.micro_batch)
+        recipe = _recipe(impl, shards, args.steps, args.micro_batch, args.zero)
         env = dict(os.environ, DUPMAE_KERNELS="reference" if impl != "triton" else "triton")
+        if args.profile_trainer:
+            env["BENCH_PROFILE_TRAINER"] = str(WORK / f"trainer-profile-{impl}-zero{args.zero}.txt")
         proc = subprocess.run([sys.executable, __file__, "--child", impl, str(recipe)], env=env,
                               capture_output=True, text=True)
         out = proc.stdout + proc.stderr
-        (WORK / f"{impl}.log").write_text(out)
+        (WORK / f"{impl}-zero{args.zero}.log").write_text(out)
         windows = [(int(s), float(t.replace(",", "")), float(m), float(g)) for s, t, m, g in LINE.findall(out)]
         if proc.returncode != 0 or len(windows) < 2:
             print(f"{impl}: rc {proc.returncode}, {len(windows)} logging windows\n{out[-3000:]}", flush=True)
@@ -166,18 +250,20 @@ def main() -> None:
         rows.append(r)
         print(f"{impl:9} {r['tokens_s']:>10,.0f} tok/s  MFU {r['mfu']:5.1f}%  peak {r['peak_gib']:6.2f} GiB",
               flush=True)
+        if args.profile:
+            subprocess.run([sys.executable, __file__, "--profile-child", impl, str(recipe)], env=env)
     naive = next((r for r in rows if r["impl"] == "naive"), None)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     new = not RESULTS.exists()
     with open(RESULTS, "a", newline="") as f:
         w = csv.writer(f)
         if new:
-            w.writerow(["date", "device", "commit", "torch", "model", "seq", "micro_batch", "dtype", "impl",
+            w.writerow(["date", "device", "commit", "torch", "model", "seq", "micro_batch", "dtype", "zero", "impl",
                         "tokens_per_s", "mfu_percent", "peak_gib", "x_naive_tokens_s"])
         for r in rows:
             ratio = r["tokens_s"] / naive["tokens_s"] if naive and naive["tokens_s"] > 0 else float("nan")
             w.writerow([dt.date.today().isoformat(), device, commit, torch.__version__, "bert-base", 512,
-                        args.micro_batch, "bf16", r["impl"], f"{r['tokens_s']:.0f}", f"{r['mfu']:.1f}",
+                        args.micro_batch, "bf16", args.zero, r["impl"], f"{r['tokens_s']:.0f}", f"{r['mfu']:.1f}",
                         f"{r['peak_gib']:.2f}", f"{ratio:.2f}"])
             print(f"{r['impl']}: {ratio:.2f}x the naive tokens/s", flush=True)
 

@@ -74,8 +74,9 @@ class PretrainTask:
         """One backward pass per micro batch: (loss, its parts)."""
         denominators = {"mlm": glob["mlm"] / scale, "dec": glob["dec"] / scale, "samples": glob["samples"] / scale}
         out = engine(batch, denominators=denominators)
-        yield out.loss, {"loss": out.loss.item(), "mlm": out.mlm_loss.item(), "dec": out.dec_loss.item(),
-                         "bow": out.bow_loss.item()}
+        # tensors, read by the trainer after the backward pass is queued (no host synchronization here)
+        yield out.loss, {"loss": out.loss.detach(), "mlm": out.mlm_loss.detach(), "dec": out.dec_loss.detach(),
+                         "bow": out.bow_loss.detach()}
 
     def evaluate(self, trainer) -> tuple[dict, str]:
         """The three losses and MLM accuracy on the held-out samples (this rank's share, then averaged)."""

@@ -284,10 +284,6 @@ class Trainer:
         norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
-    def _zero_loss(self) -> torch.Tensor:
-        """A loss whose gradient is exactly zero for every parameter, for a step being skipped."""
-        return sum(p.sum() for p in self.engine.module.parameters() if p.requires_grad) * 0.0
-
     def _global_counts(self, micro: list[dict]) -> dict[str, float]:
         """The task's named counts of this step's micro batches, summed over every rank (one all-reduce)."""
         counts: dict[str, float] = {}
@@ -303,27 +299,39 @@ class Trainer:
         steps, because DeepSpeed averages gradients over ranks and scales each backward by 1/grad_accum. A task
         may take several backward passes per micro batch (gradient caching: one per chunk of texts), each a
         DeepSpeed micro step, the first carrying the loss parts. If any rank sees a non-finite loss, every
-        rank backpropagates an exact zero from then on and the optimizer skips.
-        Returns (summed loss parts of this rank, lr used, grad norm or None, skipped)."""
+        rank's optimizer skips the step (the lr schedule still advances: lr is a function of the step).
+        Returns (summed loss parts of this rank, lr used, grad norm or None, skipped).
+
+        The parts may be tensors: they are read (one host synchronization) only after the step's last
+        backward has been queued, so the GPU never idles while the host waits between forward and backward.
+        A non-finite loss then leaves non-finite gradients behind, which the skipped optimizer step never
+        applies (DeepSpeed clears them at the step boundary)."""
         scale = self.world * self.cfg.data.grad_accum
         parts = dict.fromkeys(self.task.part_names, 0.0)
         lr = self.optimizer.param_groups[0]["lr"]
         skipped, gnorm = False, None
         n_passes = getattr(self.task, "passes_per_micro", 1)
+        firsts = []  # the parts of each micro batch's first pass, unread
+        sched_before = self.scheduler.last_epoch
         for i, b in enumerate(micro):
             for j, (loss, out_parts) in enumerate(self.task.passes(self.engine, self._to_device(b), glob, scale)):
                 if j == 0:
-                    bad = not math.isfinite(float(out_parts["loss"]))
-                    skipped |= bool(distributed.all_reduce([1.0 if bad else 0.0], op="max")[0])
-                    if not skipped:
-                        for k, v in out_parts.items():
-                            parts[k] += float(v)
-                self.engine.backward(self._zero_loss() if skipped else loss)
+                    firsts.append(out_parts)
+                self.engine.backward(loss)
                 if i == len(micro) - 1 and j == n_passes - 1:
-                    gnorm = self._grad_norm_zero0()  # ZeRO-0: DeepSpeed clears the grads in step()
+                    read = [{k: float(v) for k, v in p.items()} for p in firsts]
+                    bad = not all(math.isfinite(p["loss"]) for p in read)
+                    skipped = bool(distributed.all_reduce([1.0 if bad else 0.0], op="max")[0])
+                    if not skipped:
+                        for p in read:
+                            for k, v in p.items():
+                                parts[k] += v
+                        gnorm = self._grad_norm_zero0()  # ZeRO-0: DeepSpeed clears the grads in step()
                     self.base_optimizer.skip = skipped
                 self.engine.step()
         self.base_optimizer.skip = False
+        if skipped and self.scheduler.last_epoch == sched_before:
+            self.scheduler.step()  # DeepSpeed saw the non-finite gradients as an overflow and held the schedule
         if gnorm is None and not skipped:
             gnorm = self.engine.get_global_grad_norm()
         return parts, lr, float(gnorm) if gnorm is not None else float("nan"), skipped

@@ -25,7 +25,7 @@ def naive_losses(model, batch: dict) -> dict:
         valid &= labels == -100
     mu = logits.masked_fill(~valid[:, :, None], float("-inf")).max(dim=1).values
     logp = torch.log_softmax(mu, dim=-1)
-    target = torch.zeros(B, V, dtype=logp.dtype)
+    target = torch.zeros(B, V, dtype=logp.dtype, device=logp.device)
     for b in range(B):
         n = int(batch["lengths"][b])
         text = batch["decoder_input_ids"][b, 1 : n - 1]
@@ -39,7 +39,7 @@ def naive_losses(model, batch: dict) -> dict:
     if cfg.query_stream == "layernorm":
         q = emb(inputs_embeds=h.expand(B, L, h.shape[-1]))
     else:
-        q = h + emb.position_embeddings(torch.arange(L))[None]
+        q = h + emb.position_embeddings(torch.arange(L, device=h.device))[None]
     mask = decoder_visibility(batch["decoder_seeds"], batch["word_ids"], batch["lengths"], cfg.p_dec,
                               sep_always_visible=cfg.sep_always_visible)  # B x L x L, explicit
     layer = model.enhanced_decoder
