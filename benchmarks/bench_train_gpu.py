@@ -20,6 +20,7 @@ import datetime as dt
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -48,7 +49,7 @@ eval_samples = 64
 num_workers = 2
 
 [train]
-run_dir = "{WORK / "runs" / impl}"
+run_dir = "{WORK / "runs" / f"{impl}-zero{zero}"}"
 max_steps = {steps}
 precision = "bf16"
 eval_every = 1000000
@@ -231,6 +232,7 @@ def main() -> None:
     rows = []
     for impl in args.impl or IMPLS:
         recipe = _recipe(impl, shards, args.steps, args.micro_batch, args.zero)
+        shutil.rmtree(WORK / "runs" / f"{impl}-zero{args.zero}", ignore_errors=True)  # fresh, never a resume
         env = dict(os.environ, DUPMAE_KERNELS="reference" if impl != "triton" else "triton")
         if args.profile_trainer:
             env["BENCH_PROFILE_TRAINER"] = str(WORK / f"trainer-profile-{impl}-zero{args.zero}.txt")
