@@ -261,12 +261,12 @@ def main() -> None:
         w = csv.writer(f)
         if new:
             w.writerow(["date", "device", "commit", "torch", "model", "seq", "micro_batch", "dtype", "zero", "impl",
-                        "tokens_per_s", "mfu_percent", "peak_gib", "x_naive_tokens_s"])
+                        "tokens_per_s", "mfu_percent", "peak_gib", "x_naive_tokens_s", "note"])
         for r in rows:
             ratio = r["tokens_s"] / naive["tokens_s"] if naive and naive["tokens_s"] > 0 else float("nan")
             w.writerow([dt.date.today().isoformat(), device, commit, torch.__version__, "bert-base", 512,
                         args.micro_batch, "bf16", args.zero, r["impl"], f"{r['tokens_s']:.0f}", f"{r['mfu']:.1f}",
-                        f"{r['peak_gib']:.2f}", f"{ratio:.2f}"])
+                        f"{r['peak_gib']:.2f}", f"{ratio:.2f}", ""])
             print(f"{r['impl']}: {ratio:.2f}x the naive tokens/s", flush=True)
 
 
