@@ -207,8 +207,9 @@ def export(source: str | Path, out_dir: str | Path, tag: str | None = None, toke
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.lm.save_pretrained(str(tmp), safe_serialization=True)
-    save_file({k: v.detach().contiguous() for k, v in model.enhanced_decoder.state_dict().items()},
-              str(tmp / DECODER_FILE), metadata={"format": "pt"})
+    if model.enhanced_decoder is not None:  # an "mlm" run has none
+        save_file({k: v.detach().contiguous() for k, v in model.enhanced_decoder.state_dict().items()},
+                  str(tmp / DECODER_FILE), metadata={"format": "pt"})
     tok_dir = _tokenizer_folder(cfg, tokenizer)
     AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True).save_pretrained(str(tmp))
     settings = {
@@ -229,7 +230,8 @@ def export(source: str | Path, out_dir: str | Path, tag: str | None = None, toke
         shutil.rmtree(out)
     os.replace(tmp, out)
     log(f"[export] wrote {out} ({sum(p.numel() for p in model.lm.parameters()) / 1e6:.1f}M encoder+head "
-        f"parameters, {sum(p.numel() for p in model.enhanced_decoder.parameters()) / 1e6:.1f}M decoder) "
+        f"parameters, {sum(p.numel() for p in (model.enhanced_decoder or torch.nn.Module()).parameters()) / 1e6:.1f}M "
+        "decoder) "
         f"in {time.perf_counter() - t0:.1f} s")
     return out
 

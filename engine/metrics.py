@@ -41,16 +41,26 @@ def device_peak_flops() -> float | None:
     return None
 
 
-def step_flops(config, batch_shape: tuple[int, int], mlm_tokens: int, dec_tokens: int) -> float:
-    """Analytic FLOPs of forward + backward for one micro batch of shape (B, L)."""
+def step_flops(config, batch_shape: tuple[int, int], mlm_tokens: int, dec_tokens: int,
+               objective: str = "dupmae") -> float:
+    """Analytic FLOPs of forward + backward for one micro batch of shape (B, L), for a pre-training
+    objective: "dupmae" (encoder, decoder layer, BoW projection of every position, both heads), "retromae"
+    (no BoW: the head's transform on the masked and decoded rows only), "mlm" (encoder and MLM head only)."""
     B, L = batch_shape
     D, V, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
     ffn = config.intermediate_size
     per_layer_params = 4 * D * D + 2 * D * ffn
     positions = B * L
-    layer_flops = (layers + 1) * positions * (6 * per_layer_params + 12 * L * D)
-    transform = 6 * D * D * (positions + dec_tokens)
-    bow = 2 * D * V * positions
+    if objective == "mlm":
+        dec_tokens = 0
+    decoder_layers = 0 if objective == "mlm" else 1
+    layer_flops = (layers + decoder_layers) * positions * (6 * per_layer_params + 12 * L * D)
+    if objective == "dupmae":
+        transform = 6 * D * D * (positions + dec_tokens)
+        bow = 2 * D * V * positions
+    else:
+        transform = 6 * D * D * (mlm_tokens + dec_tokens)
+        bow = 0
     heads = 6 * D * V * (mlm_tokens + dec_tokens)
     return float(layer_flops + transform + bow + heads)
 

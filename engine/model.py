@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 QUERY_STREAMS = ("layernorm", "plain")
 BOW_POSITIONS = ("all", "unmasked")
 BOW_NORMALIZATIONS = ("count", "sum")
+OBJECTIVES = ("dupmae", "retromae", "mlm")
 
 
 @dataclass
@@ -45,9 +46,13 @@ class ModelConfig:
     bow_normalization: str = "count"  # "count" (code): 1/n scaling; "sum" (paper): plain sum over the tokens
     sep_always_visible: bool = True  # code: the final [SEP] is visible to every decoder row
     kernels: str = "auto"  # "auto" | "reference" | "triton"
+    # "dupmae": the three losses; "retromae": L_mlm + L_dec, no BoW (RetroMAE-v1 also used the "plain" query
+    # stream: set query_stream = "plain" with it); "mlm": L_mlm only, BERT's objective, no decoder built
+    objective: str = "dupmae"
 
     def validate(self) -> None:
-        for name, allowed in (("query_stream", QUERY_STREAMS), ("bow_positions", BOW_POSITIONS),
+        for name, allowed in (("objective", OBJECTIVES), ("query_stream", QUERY_STREAMS),
+                              ("bow_positions", BOW_POSITIONS),
                               ("bow_normalization", BOW_NORMALIZATIONS), ("kernels", kernels.IMPLS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"model.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -109,8 +114,10 @@ class DupMAE(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.lm = lm
-        self.enhanced_decoder = BertLayer(lm.config)
-        self.enhanced_decoder.apply(lm._init_weights)
+        self.enhanced_decoder = None  # the "mlm" objective has no decoder and pays nothing for one
+        if cfg.objective != "mlm":
+            self.enhanced_decoder = BertLayer(lm.config)
+            self.enhanced_decoder.apply(lm._init_weights)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> "DupMAE":
@@ -118,7 +125,7 @@ class DupMAE(nn.Module):
         is restored too, so pre-training continues from the export rather than from a fresh decoder."""
         cfg.validate()
         model = cls(load_masked_lm(cfg), cfg)
-        if cfg.encoder is not None:
+        if cfg.encoder is not None and model.enhanced_decoder is not None:
             from pathlib import Path
 
             from dupmae.data_pipeline.tokenizer import resolve_tokenizer_path
@@ -184,36 +191,43 @@ class DupMAE(nn.Module):
         labels, dec_labels = batch["labels"], batch["decoder_labels"]
         hidden = self.lm.bert(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
         transform, weight, bias = self._head()
-        impl = self.cfg.kernels
-
-        # L_bow: MLM-head logits of positions 1..len-1, max-pooled; the transform is position-wise
+        impl, objective = self.cfg.kernels, self.cfg.objective
         B, L, _ = hidden.shape
-        col = torch.arange(L, device=hidden.device)[None, :]
-        valid = attention_mask.bool() & (col > 0)
-        if self.cfg.bow_positions == "unmasked":
-            valid &= labels == -100
-        projected = transform(hidden)
-        mu, _ = kernels.bow_max_pool(projected, weight, bias, valid, impl=impl)
         masked = labels != -100
         ordinary = dec_labels != -100
-        counts = {"mlm": int(masked.sum()), "dec": int(ordinary.sum()), "samples": B}
+        counts = {"mlm": int(masked.sum()), "dec": int(ordinary.sum()) if objective != "mlm" else 0, "samples": B}
         denom = {k: max(float((denominators or counts)[k]), 1.0) for k in counts}
-        bow = kernels.bow_loss(mu, batch["bow_ids"], batch["bow_mask"], batch["bow_counts"],
-                               normalization=self.cfg.bow_normalization, reduction="sum") / denom["samples"]
+        zero = hidden.new_zeros((), dtype=torch.float32)
+
+        if objective == "dupmae":
+            # L_bow: MLM-head logits of positions 1..len-1, max-pooled; the transform is position-wise
+            col = torch.arange(L, device=hidden.device)[None, :]
+            valid = attention_mask.bool() & (col > 0)
+            if self.cfg.bow_positions == "unmasked":
+                valid &= labels == -100
+            projected = transform(hidden)
+            mu, _ = kernels.bow_max_pool(projected, weight, bias, valid, impl=impl)
+            bow = kernels.bow_loss(mu, batch["bow_ids"], batch["bow_mask"], batch["bow_counts"],
+                                   normalization=self.cfg.bow_normalization, reduction="sum") / denom["samples"]
+            rows = projected[masked]
+        else:  # no bag of words: only the masked rows go through the head's transform
+            bow = zero
+            rows = transform(hidden[masked])
 
         # L_mlm: only the masked rows are projected
-        mlm = kernels.linear_cross_entropy(projected[masked], weight, bias, labels[masked], impl=impl,
-                                           reduction="sum") / denom["mlm"]
+        mlm = kernels.linear_cross_entropy(rows, weight, bias, labels[masked], impl=impl, reduction="sum") / denom["mlm"]
 
         # L_dec: [CLS] decoding through the enhanced decoder
-        h_cls = hidden[:, :1]
-        kv = torch.cat([h_cls, self.lm.bert.embeddings(input_ids=batch["decoder_input_ids"])[:, 1:]], dim=1)
-        decoded = self._enhanced_decoder(self._query_stream(h_cls, L), kv, batch)
-        dec = kernels.linear_cross_entropy(transform(decoded[ordinary]), weight, bias, dec_labels[ordinary],
-                                           impl=impl, reduction="sum") / denom["dec"]
+        dec = zero
+        if objective != "mlm":
+            h_cls = hidden[:, :1]
+            kv = torch.cat([h_cls, self.lm.bert.embeddings(input_ids=batch["decoder_input_ids"])[:, 1:]], dim=1)
+            decoded = self._enhanced_decoder(self._query_stream(h_cls, L), kv, batch)
+            dec = kernels.linear_cross_entropy(transform(decoded[ordinary]), weight, bias, dec_labels[ordinary],
+                                               impl=impl, reduction="sum") / denom["dec"]
 
         total = mlm + dec + self.cfg.w_bow * bow
-        correct = self._count_correct(projected[masked], weight, bias, labels[masked]) if with_accuracy else 0
+        correct = self._count_correct(rows, weight, bias, labels[masked]) if with_accuracy else 0
         return DupMAEOutput(total, mlm, dec, bow, counts["mlm"], counts["dec"], correct)
 
     @torch.no_grad()

@@ -24,6 +24,10 @@ class PretrainTask:
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+        # the objective's own losses only: an "mlm" run logs no decoder or BoW loss
+        keep = {"dupmae": ("mlm", "dec", "bow"), "retromae": ("mlm", "dec"), "mlm": ("mlm",)}[cfg.model.objective]
+        self.part_names = ("loss", *keep)
+        self.console_parts = keep
 
     @staticmethod
     def tensorboard_tag(part: str) -> str:
@@ -68,18 +72,19 @@ class PretrainTask:
     def batch_counts(self, b: dict) -> dict[str, float]:
         mlm, dec = int((b["labels"] != -100).sum()), int((b["decoder_labels"] != -100).sum())
         return {"mlm": mlm, "dec": dec, "samples": len(b["lengths"]), "tokens": int(b["lengths"].sum()),
-                "flops": step_flops(self.model_config, tuple(b["input_ids"].shape), mlm, dec)}
+                "flops": step_flops(self.model_config, tuple(b["input_ids"].shape), mlm, dec,
+                                    self.cfg.model.objective)}
 
     def passes(self, engine, batch: dict, glob: dict, scale: float):
         """One backward pass per micro batch: (loss, its parts)."""
         denominators = {"mlm": glob["mlm"] / scale, "dec": glob["dec"] / scale, "samples": glob["samples"] / scale}
         out = engine(batch, denominators=denominators)
         # tensors, read by the trainer after the backward pass is queued (no host synchronization here)
-        yield out.loss, {"loss": out.loss.detach(), "mlm": out.mlm_loss.detach(), "dec": out.dec_loss.detach(),
-                         "bow": out.bow_loss.detach()}
+        every = {"loss": out.loss, "mlm": out.mlm_loss, "dec": out.dec_loss, "bow": out.bow_loss}
+        yield out.loss, {k: every[k].detach() for k in self.part_names}
 
     def evaluate(self, trainer) -> tuple[dict, str]:
-        """The three losses and MLM accuracy on the held-out samples (this rank's share, then averaged)."""
+        """The objective's losses and MLM accuracy on the held-out samples (this rank's share, then averaged)."""
         cfg = self.cfg
         n_eval = min(cfg.data.eval_samples, cfg.train.eval_batches * cfg.data.micro_batch * self.world)
         if n_eval < self.world:
@@ -95,8 +100,10 @@ class PretrainTask:
                                  dtype=torch.float64)
         tot = distributed.all_reduce(sums.tolist() + [float(len(ids))])
         mlm, dec, bow = tot[0] / max(tot[4], 1), tot[1] / max(tot[5], 1), tot[2] / max(tot[6], 1)
-        result = {"eval/loss": mlm + dec + cfg.model.w_bow * bow, "eval/mlm": mlm, "eval/dec": dec,
-                  "eval/bow": bow, "eval/mlm_accuracy": tot[3] / max(tot[4], 1)}
-        line = (f"loss {result['eval/loss']:.4f} (mlm {mlm:.3f} dec {dec:.3f} bow {bow:.3f}) | "
+        losses = {k: v for k, v in (("mlm", mlm), ("dec", dec), ("bow", bow)) if k in self.part_names}
+        result = {"eval/loss": mlm + dec + cfg.model.w_bow * bow} | {f"eval/{k}": v for k, v in losses.items()} | {
+            "eval/mlm_accuracy": tot[3] / max(tot[4], 1)}
+        detail = " ".join(f"{k} {v:.3f}" for k, v in losses.items())
+        line = (f"loss {result['eval/loss']:.4f} ({detail}) | "
                 f"MLM accuracy {100 * result['eval/mlm_accuracy']:.1f}% on {int(tot[6])} samples")
         return result, line

@@ -152,3 +152,28 @@ def test_pretraining_continues_from_an_export(runs, tmp_path):
     assert saved.keys() == model.enhanced_decoder.state_dict().keys()
     for k, v in model.enhanced_decoder.state_dict().items():
         assert torch.equal(v, saved[k]), k
+
+
+@pytest.mark.parametrize("objective", ["mlm", "retromae"])
+def test_objective_runs_log_their_losses_and_export(tmp_path, tiny_recipe, objective):
+    """`model.objective` runs through the trainer: only its losses are logged, and the export of an "mlm" run
+    has no decoder (a DupMAE recipe starting from it builds a fresh one)."""
+    from dupmae.engine.model import DupMAE, ModelConfig
+
+    run_dir = tmp_path / "run"
+    recipe = tiny_recipe(tmp_path / "r.toml", run_dir, dropout=True, model={"objective": objective}, **EVAL)
+    proc = subprocess.run([str(BIN / "dupmae"), "pretrain", "--config", str(recipe)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    kept = {"mlm": {"mlm"}, "retromae": {"mlm", "dec"}}[objective]
+    train_rows = [r for r in rows if "lr" in r]
+    assert len(train_rows) == STEPS
+    for r in train_rows:
+        assert kept <= r.keys() and not ({"mlm", "dec", "bow"} - kept) & r.keys(), r
+        assert r["loss"] == pytest.approx(sum(r[k] for k in kept), rel=1e-5)
+    out = export(run_dir, tmp_path / "hf")
+    assert (out / DECODER_FILE).exists() == (objective == "retromae")
+    assert json.loads((out / SETTINGS_FILE).read_text())["model"]["objective"] == objective
+    model = DupMAE.from_config(ModelConfig(encoder=str(out), kernels="reference"))
+    assert model.enhanced_decoder is not None  # the default objective (dupmae) builds its decoder

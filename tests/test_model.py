@@ -1,5 +1,6 @@
 """DupMAE computes exactly what the naive, full-logits implementation of DESIGN.md computes."""
 import copy
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -159,3 +160,55 @@ def test_config_errors_name_the_key():
         ModelConfig(encoder_config={}, p_dec=1.0).validate()
     with pytest.raises(ValueError, match="model.encoder"):
         ModelConfig().validate()
+
+
+# -- the pre-training objective switch: dupmae | retromae | mlm ------------------------------------------
+
+
+def _twin(model: DupMAE, objective: str, query_stream: str = "layernorm") -> DupMAE:
+    """A model of `objective` sharing `model`'s encoder, head and (where it has one) decoder weights."""
+    cfg = dataclasses.replace(model.cfg, objective=objective, query_stream=query_stream)
+    twin = DupMAE(model.lm, cfg)
+    if twin.enhanced_decoder is not None:
+        twin.enhanced_decoder = model.enhanced_decoder
+    return twin.train()
+
+
+def test_mlm_objective_is_the_encoders_mlm_loss_alone(info, real_batch):
+    full = build(info.vocab_size)
+    mlm = _twin(full, "mlm")
+    assert mlm.enhanced_decoder is None
+    assert not any(n.startswith("enhanced_decoder") for n, _ in mlm.named_parameters())
+    ours, ref = mlm(real_batch), full(real_batch)
+    assert ours.loss.item() == pytest.approx(ref.mlm_loss.item(), rel=1e-12)
+    assert ours.dec_loss.item() == 0.0 and ours.bow_loss.item() == 0.0 and ours.dec_tokens == 0
+    naive = naive_losses(full, real_batch)["mlm"]
+    g_ours, g_naive = grads_of(mlm, ours.loss), grads_of(full, naive)
+    assert g_ours.keys() <= g_naive.keys()
+    for name, g in g_ours.items():
+        torch.testing.assert_close(g, g_naive[name], rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("query_stream", ["layernorm", "plain"])
+def test_retromae_objective_is_mlm_plus_decoder_without_bow(info, real_batch, query_stream):
+    full = build(info.vocab_size, switches=(query_stream, "all", "count", True))
+    retro = _twin(full, "retromae", query_stream)
+    ours, ref = retro(real_batch), full(real_batch)
+    assert ours.bow_loss.item() == 0.0
+    assert ours.mlm_loss.item() == pytest.approx(ref.mlm_loss.item(), rel=1e-12)
+    assert ours.dec_loss.item() == pytest.approx(ref.dec_loss.item(), rel=1e-12)
+    assert ours.loss.item() == pytest.approx(ref.mlm_loss.item() + ref.dec_loss.item(), rel=1e-12)
+    naive = naive_losses(full, real_batch)
+    g_ours, g_naive = grads_of(retro, ours.loss), grads_of(full, naive["mlm"] + naive["dec"])
+    for name, g in g_ours.items():
+        torch.testing.assert_close(g, g_naive[name], rtol=1e-7, atol=1e-10)
+
+
+def test_objective_flops_and_config_errors(info):
+    from dupmae.engine.metrics import step_flops
+
+    config = build(info.vocab_size).config
+    f = {o: step_flops(config, (8, 128), 300, 500, o) for o in ("dupmae", "retromae", "mlm")}
+    assert f["mlm"] < f["retromae"] < f["dupmae"]
+    with pytest.raises(ValueError, match="model.objective"):
+        ModelConfig(encoder_config=tiny_config(100), objective="bert").validate()
