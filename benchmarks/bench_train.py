@@ -79,7 +79,7 @@ def naive_child(steps: int) -> None:
     from naive_dupmae import naive_losses
 
     from dupmae.data_pipeline.collator import DupMAECollator
-    from dupmae.data_pipeline.dataset import PackedDataset
+    from dupmae.data_pipeline.dataset import EpochSamples, PackedDataset
     from dupmae.data_pipeline.sampler import GlobalBatchSampler
     from dupmae.data_pipeline.tokenizer import tokenizer_info
     from dupmae.engine.config import load_config
@@ -93,11 +93,13 @@ def naive_child(steps: int) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr)
     ds = PackedDataset(SHARDS)
     collate = DupMAECollator(tokenizer_info(str(SHARDS / "tokenizer")), seed=cfg.data.seed, max_len=ds.max_len)
-    # the same global batches of 32 (same seed) as the trainer runs
-    sampler = iter(GlobalBatchSampler(len(ds) - cfg.data.eval_samples, 2 * cfg.data.micro_batch, seed=cfg.data.seed))
+    # the same global batches of 32 (same seed, same masks) as the trainer runs
+    n_train = len(ds) - cfg.data.eval_samples
+    samples = EpochSamples(ds, n_train)
+    sampler = iter(GlobalBatchSampler(n_train, 2 * cfg.data.micro_batch, seed=cfg.data.seed, tag_epoch=True))
     tokens = seconds = 0.0
     for step in range(steps):
-        batch = collate([ds[i] for i in next(sampler)])
+        batch = collate([samples[k] for k in next(sampler)])
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         naive_losses(model, batch)["total"].backward()

@@ -1,7 +1,10 @@
-"""The DupMAE collator: samples -> one batch of tensors, every random choice a function of (seed, sample id).
+"""The DupMAE collator: samples -> one batch of tensors, every random choice a function of (seed, epoch, id).
 
-Input: a list of `(sample_id, token_ids)` as the datasets return them. Output (B rows, L columns, L the
-longest sample + 2, optionally rounded up to a multiple of 8):
+Input: a list of `(sample_id, token_ids, epoch)` as `EpochSamples` serves the training split, or of
+`(sample_id, token_ids)` as the datasets return them (epoch 0: the held-out evaluation's fixed masks). A sample
+seen again in a later epoch gets new encoder and decoder masks, as in the reference, where the collator draws
+them anew each time. Output (B rows, L columns, L the longest sample + 2, optionally rounded up to a multiple
+of 8):
 
     input_ids          (B, L) int64   encoder input: [CLS] tokens [SEP] [PAD].., whole-word masked
     attention_mask     (B, L) int64   1 on [CLS] .. [SEP]
@@ -16,6 +19,7 @@ longest sample + 2, optionally rounded up to a multiple of 8):
     bow_mask           (B, U) bool    which bow_ids are real
     bow_counts         (B,)   int64   n: number of text tokens counted with repeats (the 1/n of L_bow)
     sample_ids         (B,)   int64
+    epochs             (B,)   int64   the epoch each sample's masks were drawn for
 
 No B x L x L mask and no B x V tensor is built, and there is no per-token Python loop.
 """
@@ -53,6 +57,7 @@ class DupMAECollator:
         tok = self.tokenizer
         B = len(samples)
         sample_ids = np.fromiter((s[0] for s in samples), dtype=np.int64, count=B)
+        epochs = np.fromiter((s[2] if len(s) > 2 else 0 for s in samples), dtype=np.int64, count=B)
         text_lens = np.fromiter((len(s[1]) for s in samples), dtype=np.int64, count=B)
         if B == 0:
             raise ValueError("empty batch")
@@ -86,7 +91,8 @@ class DupMAECollator:
         word_ids[np.arange(B), lengths - 1] = n_words + 1
 
         # encoder whole-word mask and 80/10/10 replacement
-        priority, action, random_tok, _ = (d.numpy() for d in encoder_draws(self.seed, torch.from_numpy(sample_ids), L))
+        draws = encoder_draws(self.seed, torch.from_numpy(sample_ids), L, torch.from_numpy(epochs))
+        priority, action, random_tok, _ = (d.numpy() for d in draws)
         chosen = whole_word_mask(ordinary, word_ids, lengths, priority, self.encoder_mask_prob)
         u = action.astype(np.float64) / 2.0**32
         to_mask = chosen & (u < self.mask_token_share)
@@ -106,7 +112,8 @@ class DupMAECollator:
         bow_mask = np.take_along_axis(distinct, keep_order, axis=1)
         bow_ids = np.where(bow_mask, np.take_along_axis(srt, keep_order, axis=1), 0)
 
-        decoder_seeds = derive_sample_keys(self.seed, torch.from_numpy(sample_ids), DOMAIN_DECODER)
+        decoder_seeds = derive_sample_keys(self.seed, torch.from_numpy(sample_ids), DOMAIN_DECODER,
+                                           torch.from_numpy(epochs))
         return {
             "input_ids": torch.from_numpy(input_ids),
             "attention_mask": torch.from_numpy(real.astype(np.int64)),
@@ -120,4 +127,5 @@ class DupMAECollator:
             "bow_mask": torch.from_numpy(bow_mask),
             "bow_counts": torch.from_numpy(text_lens),
             "sample_ids": torch.from_numpy(sample_ids),
+            "epochs": torch.from_numpy(epochs),
         }

@@ -3,6 +3,8 @@
 `PackedDataset` serves the samples of one folder in shard order. `BlendedDataset` mixes several folders
 with weights through a deterministic interleaving: position i of the blend is a fixed (folder, sample)
 pair, so the blend's index is the "sample id" that masks and data order are functions of.
+`EpochSamples` serves a training split as the epoch-tagging sampler addresses it: the epoch travels with each
+sample to the collator, which draws new masks for a sample every epoch.
 """
 from __future__ import annotations
 
@@ -87,6 +89,29 @@ class BlendedDataset:
     def __getitem__(self, i: int) -> tuple[int, np.ndarray]:
         d, j = int(self.dataset_index[i]), int(self.sample_index[i])
         return int(i), self.datasets[d].tokens(j)
+
+
+class EpochSamples:
+    """The first `num_samples` samples of a dataset (the training split), addressed as a
+    `GlobalBatchSampler(num_samples, ..., tag_epoch=True)` yields them: key `epoch * num_samples + i` ->
+    `(i, token ids, epoch)`, so the collator's masks are those of (seed, epoch, i)."""
+
+    def __init__(self, dataset, num_samples: int):
+        if not 0 < num_samples <= len(dataset):
+            raise ValueError(f"a training split of {num_samples} samples out of {len(dataset)}")
+        self.dataset = dataset
+        self.num_samples = int(num_samples)
+        self.max_len = dataset.max_len
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, key: int) -> tuple[int, np.ndarray, int]:
+        if key < 0:
+            raise IndexError(f"sample key {key} is negative")
+        epoch, i = divmod(int(key), self.num_samples)
+        sample_id, tokens = self.dataset[i]
+        return sample_id, tokens, epoch
 
 
 def open_datasets(directories: list[str | Path], weights: list[float] | None = None):

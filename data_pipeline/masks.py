@@ -1,4 +1,7 @@
-"""DupMAE's random masks as pure functions of (seed, sample id), vectorized over a batch.
+"""DupMAE's random masks as pure functions of (seed, epoch, sample id), vectorized over a batch.
+
+A sample gets new masks every time it is seen, as the reference collator draws them anew each epoch; they
+stay exactly reproducible (a resumed run draws the masks the uninterrupted run would have drawn).
 
 Encoder: whole-word masking at `mask_prob` (0.3) with 80% [MASK] / 10% random token / 10% kept, as the
 reference collator (HF `DataCollatorForWholeWordMask._whole_word_mask`): the budget is
@@ -9,7 +12,7 @@ The loop runs over word ranks, vectorized across the batch (one step per word, n
 Decoder: the per-row visibility rule lives in `dupmae.kernels.philox.decoder_visibility`, shared with the
 reference attention and the Triton kernel; `decoder_attention_mask` below builds it for a collated batch.
 
-All draws come from Philox4x32-10 keyed per sample by `derive_sample_keys(seed, sample_id, domain)`:
+All draws come from Philox4x32-10 keyed per sample by `derive_sample_keys(seed, sample_id, domain, epoch)`:
 the encoder uses counter (position, 0, 0, 0) and its four output words: word 0 -> the priority of word
 number `position`, word 1 -> the 80/10/10 choice for the token at `position`, word 2 -> the random token.
 """
@@ -29,9 +32,11 @@ from dupmae.kernels.philox import (
 )
 
 
-def encoder_draws(seed: int, sample_ids: torch.Tensor, length: int) -> tuple[torch.Tensor, ...]:
-    """Four (B, length) int64 tensors of uint32 draws, one Philox evaluation per (sample, position)."""
-    keys = derive_sample_keys(seed, sample_ids, DOMAIN_ENCODER)
+def encoder_draws(seed: int, sample_ids: torch.Tensor, length: int,
+                  epochs: int | torch.Tensor = 0) -> tuple[torch.Tensor, ...]:
+    """Four (B, length) int64 tensors of uint32 draws, one Philox evaluation per (sample, position);
+    `epochs`: the epoch of every sample (one int for all, or (B,))."""
+    keys = derive_sample_keys(seed, sample_ids, DOMAIN_ENCODER, epochs)
     k0, k1 = split_seed(keys[:, None])
     pos = torch.arange(length, dtype=torch.int64)[None, :].expand(len(sample_ids), length)
     zero = torch.zeros_like(pos)

@@ -6,10 +6,11 @@ dropped); global batch g of micro step a goes to ranks as
 
     rank r, micro step a:  batch[(a * world_size + r) * micro_batch : ... + micro_batch]
 
-(with `tag_epoch`, each id is yielded as `epoch * num_samples + id`: fine-tuning groups depend on the
-epoch) so with the same global batch and micro batch, 2 ranks x 1 accumulation step and 1 rank x 2 steps see the
-same samples in the same order. Resuming is starting at `consumed_samples` (a multiple of the global
-batch): nothing else needs saving, and the world size may change in between.
+(with `tag_epoch`, each id is yielded as `epoch * num_samples + id`: fine-tuning groups and pre-training masks
+depend on the epoch, see dataset.EpochSamples) so with the same global batch and micro batch, 2 ranks x 1
+accumulation step and 1 rank x 2 steps see the same samples in the same order. Resuming is starting at
+`consumed_samples` (a multiple of the global batch): nothing else needs saving, and the world size may change
+in between.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ class GlobalBatchSampler:
     rank: int = 0
     seed: int = 0
     consumed_samples: int = 0
-    tag_epoch: bool = False  # yield epoch * num_samples + id, for datasets whose items depend on the epoch
+    tag_epoch: bool = False  # yield epoch * num_samples + id, for items that depend on the epoch
 
     def __post_init__(self) -> None:
         for name in ("micro_batch", "grad_accum", "world_size"):

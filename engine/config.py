@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 class DataConfig:
     shards: list[str] = field(default_factory=list)  # folders made by `dupmae prepare`
     weights: list[float] | None = None  # mixing weights, one per folder (default: by size)
-    seed: int = 1234  # data order and every mask are functions of (seed, position / sample id)
+    seed: int = 1234  # data order and every mask are functions of (seed, position / epoch and sample id)
     micro_batch: int = 8  # per rank and micro step
     grad_accum: int = 1
     eval_samples: int = 0  # the LAST eval_samples sample ids are held out for evaluation

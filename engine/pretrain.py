@@ -35,20 +35,23 @@ class PretrainTask:
 
     def setup_data(self, world: int, rank: int) -> None:
         from dupmae.data_pipeline.collator import DupMAECollator
-        from dupmae.data_pipeline.dataset import open_datasets
+        from dupmae.data_pipeline.dataset import EpochSamples, open_datasets
         from dupmae.data_pipeline.sampler import GlobalBatchSampler
         from dupmae.data_pipeline.tokenizer import tokenizer_info
 
         cfg = self.cfg
         self.world, self.rank = world, rank
-        self.dataset = open_datasets(cfg.data.shards, cfg.data.weights)
+        self.corpus = open_datasets(cfg.data.shards, cfg.data.weights)
         self.info = tokenizer_info(str(Path(cfg.data.shards[0]) / "tokenizer"))
-        n = len(self.dataset)
+        n = len(self.corpus)
         self.n_train = n - cfg.data.eval_samples  # the last eval_samples ids are held out
         if self.n_train < 1:
             raise ConfigError(f"data.eval_samples {cfg.data.eval_samples} leaves no training sample of {n}")
+        # the sampler tags each id with its epoch and the dataset hands the epoch to the collator: a sample's
+        # masks are new every epoch, a function of (seed, epoch, id)
+        self.dataset = EpochSamples(self.corpus, self.n_train)
         self.sampler = GlobalBatchSampler(self.n_train, cfg.data.micro_batch, cfg.data.grad_accum, world, rank,
-                                          cfg.data.seed)
+                                          cfg.data.seed, tag_epoch=True)
         self.collator = DupMAECollator(self.info, seed=cfg.data.seed, max_len=self.dataset.max_len,
                                        encoder_mask_prob=cfg.data.encoder_mask_prob,
                                        pad_to_multiple_of=cfg.data.pad_to_multiple_of or None)
@@ -93,7 +96,8 @@ class PretrainTask:
         sums = torch.zeros(6, dtype=torch.float64)
         for i in range(0, len(ids), cfg.data.micro_batch):
             chunk = ids[i : i + cfg.data.micro_batch]
-            batch = trainer._to_device(self.collator([self.dataset[j] for j in chunk]))
+            # untagged ids: epoch 0's masks, the same at every evaluation
+            batch = trainer._to_device(self.collator([self.corpus[j] for j in chunk]))
             out = trainer.engine(batch, with_accuracy=True)
             sums += torch.tensor([out.mlm_loss.item() * out.mlm_tokens, out.dec_loss.item() * out.dec_tokens,
                                   out.bow_loss.item() * len(chunk), out.mlm_correct, out.mlm_tokens, out.dec_tokens],

@@ -1,7 +1,7 @@
 """Philox4x32-10 in plain PyTorch, bit-identical to Triton's `tl.randint4x` / `tl.rand`, and the
 enhanced decoder's visibility rule built on it.
 
-This module is the one definition of every random decision DupMAE makes from (seed, sample id):
+This module is the one definition of every random decision DupMAE makes from (seed, epoch, sample id):
 the data pipeline draws its encoder masks with it, the reference attention path builds explicit masks
 with it, and the Triton attention kernel regenerates the same decoder masks inside the kernel with
 `tl.rand(seed, row * WORD_STRIDE + word_id)`.
@@ -73,19 +73,24 @@ def rand(seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     return uint32_to_uniform(c0)
 
 
-def derive_sample_keys(seed: int, sample_ids: torch.Tensor, domain: int) -> torch.Tensor:
-    """Per-sample 63-bit keys as a pure function of (run seed, sample id, stream): Philox keyed by the
-    run seed over the counter (sample id low, sample id high, domain, 0)."""
+def derive_sample_keys(seed: int, sample_ids: torch.Tensor, domain: int,
+                       epochs: int | torch.Tensor = 0) -> torch.Tensor:
+    """Per-sample 63-bit keys as a pure function of (run seed, sample id, stream, epoch): Philox keyed by the
+    run seed over the counter (sample id low, sample id high, domain, epoch). `epochs`: one int for all
+    samples or one per sample, in [0, 2**32); every epoch gives a sample new keys."""
     if not 0 <= seed < 1 << 63:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
     ids = sample_ids.to(torch.int64)
     if bool((ids < 0).any()):
         raise ValueError("sample ids must be non-negative")
+    ep = torch.as_tensor(epochs, dtype=torch.int64, device=ids.device)
+    if bool(((ep < 0) | (ep > MASK32)).any()):
+        raise ValueError("epochs must be in [0, 2**32)")
     s = torch.tensor(seed, dtype=torch.int64, device=ids.device)
     k0, k1 = split_seed(s)
     lo, hi = ids & MASK32, (ids >> 32) & MASK32
     dom = torch.full_like(ids, domain)
-    c0, c1, _, _ = philox4x32(k0, k1, lo, hi, dom, torch.zeros_like(ids))
+    c0, c1, _, _ = philox4x32(k0, k1, lo, hi, dom, ep.expand_as(ids))
     return ((c1 & 0x7FFFFFFF) << 32) | c0
 
 

@@ -1,4 +1,4 @@
-"""The DupMAE collator and its masks: reference semantics, every draw a function of (seed, sample id)."""
+"""The DupMAE collator and its masks: reference semantics, every draw a function of (seed, epoch, sample id)."""
 import json
 from pathlib import Path
 
@@ -124,6 +124,59 @@ def test_masks_depend_on_seed_and_sample_id_only(info, real_samples):
     assert not torch.equal(a["labels"], c["labels"])
     assert not torch.equal(a["decoder_seeds"], c["decoder_seeds"])
     again = collate(info, real_samples[:8], seed=1)
+    for key in a:
+        assert torch.equal(a[key], again[key]), key
+
+
+def with_epoch(samples, epoch: int):
+    return [(sid, toks, epoch) for sid, toks in samples]
+
+
+def test_untagged_samples_get_the_masks_of_epoch_zero(info, real_samples):
+    """The held-out evaluation collates untagged samples: always epoch 0's masks."""
+    a = collate(info, real_samples[:16], seed=3)
+    b = collate(info, with_epoch(real_samples[:16], 0), seed=3)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert (a["epochs"] == 0).all()
+
+
+def test_a_sample_gets_new_masks_every_epoch(info, real_samples):
+    samples = [s for s in real_samples if len(s[1]) >= 12][:64]
+    assert len(samples) == 64
+    by_epoch = [collate(info, with_epoch(samples, e), seed=5) for e in range(3)]
+    for e, b in enumerate(by_epoch):
+        assert (b["epochs"] == e).all()
+        for key in ("decoder_input_ids", "decoder_labels", "word_ids", "lengths", "bow_ids", "bow_counts",
+                    "sample_ids", "attention_mask"):
+            assert torch.equal(b[key], by_epoch[0][key]), key  # the sample itself does not change
+    for e1, e2 in ((0, 1), (0, 2), (1, 2)):
+        a, b = by_epoch[e1], by_epoch[e2]
+        assert (a["decoder_seeds"] != b["decoder_seeds"]).all()
+        same_labels = sum(torch.equal(a["labels"][r], b["labels"][r]) for r in range(64))
+        same_inputs = sum(torch.equal(a["input_ids"][r], b["input_ids"][r]) for r in range(64))
+        assert same_labels <= 4 and same_inputs <= 2, (same_labels, same_inputs)
+        ma, mb = decoder_attention_mask(a), decoder_attention_mask(b)
+        assert all(not torch.equal(ma[r], mb[r]) for r in range(64))
+    # every epoch's masks follow the same rule: whole words, same budget
+    shares = [(b["labels"] != -100).sum().item() / (b["lengths"] - 2).sum().item() for b in by_epoch]
+    assert max(shares) - min(shares) < 0.02, shares
+
+
+def test_masks_are_a_function_of_seed_epoch_and_sample_id(info, real_samples):
+    samples = real_samples[:8]
+    a = collate(info, with_epoch(samples, 3), seed=1)
+    # the same (epoch, id) pairs in another order, beside samples of other epochs, padded differently
+    mixed = [(*real_samples[20], 0), *reversed(with_epoch(samples, 3)), (*samples[0], 4)]
+    b = collate(info, mixed, seed=1, pad_to_multiple_of=8)
+    for r in range(8):
+        rb = 8 - r
+        n = int(a["lengths"][r])
+        for key in ("input_ids", "labels", "word_ids"):
+            assert torch.equal(a[key][r, :n], b[key][rb, :n]), key
+        assert a["decoder_seeds"][r] == b["decoder_seeds"][rb] and b["epochs"][rb] == 3
+    assert b["sample_ids"][9] == b["sample_ids"][8] and b["decoder_seeds"][9] != b["decoder_seeds"][8]
+    again = collate(info, with_epoch(samples, 3), seed=1)
     for key in a:
         assert torch.equal(a[key], again[key]), key
 

@@ -71,3 +71,23 @@ def test_sample_keys_are_deterministic_distinct_and_non_negative():
     assert not torch.equal(k, philox.derive_sample_keys(8, ids, philox.DOMAIN_DECODER))
     with pytest.raises(ValueError, match="seed"):
         philox.derive_sample_keys(-1, ids, 1)
+
+
+def test_sample_keys_change_with_the_epoch():
+    ids = torch.arange(10_000)
+    k0 = philox.derive_sample_keys(7, ids, philox.DOMAIN_DECODER)
+    assert torch.equal(k0, philox.derive_sample_keys(7, ids, philox.DOMAIN_DECODER, 0))
+    # epoch 0 is the counter (id low, id high, domain, 0)
+    c0, c1, _, _ = philox.philox4x32(torch.tensor(7), torch.tensor(0), ids, torch.zeros_like(ids),
+                                     torch.full_like(ids, philox.DOMAIN_DECODER), torch.zeros_like(ids))
+    assert torch.equal(k0, ((c1 & 0x7FFFFFFF) << 32) | c0)
+    per_epoch = [philox.derive_sample_keys(7, ids, philox.DOMAIN_DECODER, e) for e in range(4)]
+    assert len(torch.unique(torch.cat(per_epoch))) == 4 * len(ids)
+    # one epoch per sample gives each sample the key of its own epoch
+    epochs = ids % 4
+    mixed = philox.derive_sample_keys(7, ids, philox.DOMAIN_DECODER, epochs)
+    assert torch.equal(mixed, torch.stack(per_epoch)[epochs, ids])
+    with pytest.raises(ValueError, match="epochs"):
+        philox.derive_sample_keys(7, ids, philox.DOMAIN_DECODER, -1)
+    with pytest.raises(ValueError, match="epochs"):
+        philox.derive_sample_keys(7, ids, philox.DOMAIN_DECODER, 1 << 32)

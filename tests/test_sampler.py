@@ -3,8 +3,12 @@ from itertools import islice
 
 import numpy as np
 import pytest
+import torch
 
+from dupmae.data_pipeline.collator import DupMAECollator
+from dupmae.data_pipeline.dataset import EpochSamples, PackedDataset
 from dupmae.data_pipeline.sampler import GlobalBatchSampler, epoch_permutation
+from dupmae.data_pipeline.tokenizer import tokenizer_info
 
 
 def take_steps(sampler: GlobalBatchSampler, steps: int) -> list[list[int]]:
@@ -97,3 +101,89 @@ def test_invalid_configurations_are_rejected_clearly():
         GlobalBatchSampler(100, micro_batch=4, world_size=2, rank=2)
     with pytest.raises(ValueError, match="micro_batch must be positive"):
         GlobalBatchSampler(100, micro_batch=0)
+
+
+# -- pre-training's input stream: epoch-tagged ids -> EpochSamples -> collator --------------------------------
+
+def test_epoch_samples_split_tagged_keys(prepared_wordnet):
+    ds = PackedDataset(prepared_wordnet)
+    n_train = len(ds) - 40
+    samples = EpochSamples(ds, n_train)
+    assert len(samples) == n_train and samples.max_len == ds.max_len
+    for key, (epoch, i) in ((5, (0, 5)), (n_train + 5, (1, 5)), (3 * n_train + n_train - 1, (3, n_train - 1))):
+        sid, toks, got_epoch = samples[key]
+        assert (sid, got_epoch) == (i, epoch) and np.array_equal(toks, ds[i][1])
+    with pytest.raises(IndexError):
+        samples[-1]
+    with pytest.raises(ValueError, match="training split"):
+        EpochSamples(ds, len(ds) + 1)
+
+
+def test_resumed_pretraining_stream_collates_the_same_masks(prepared_wordnet):
+    """The pre-training input as the trainer builds it (the epoch-tagging sampler, EpochSamples, the collator in a
+    DataLoader): resumed mid-epoch from the sampler's saved state, every rank collates exactly the batches of the
+    uninterrupted run, masks included; a sample seen again in the next epoch gets new masks."""
+    ds = PackedDataset(prepared_wordnet)
+    n_train = len(ds) - 40
+    samples = EpochSamples(ds, n_train)
+    collator = DupMAECollator(tokenizer_info(str(prepared_wordnet / "tokenizer")), seed=13, max_len=ds.max_len,
+                              pad_to_multiple_of=8)
+    micro, accum, world = 4, 2, 2
+
+    def sampler(rank):
+        return GlobalBatchSampler(n_train, micro, accum, world, rank, seed=13, tag_epoch=True)
+
+    def stream(s, steps):
+        loader = torch.utils.data.DataLoader(samples, batch_sampler=s, collate_fn=collator)
+        return list(islice(loader, steps * accum))
+
+    per_epoch = sampler(0).steps_per_epoch
+    total, resume = 2 * per_epoch + 3, per_epoch + per_epoch // 2  # resumed in the middle of epoch 1
+    for rank in range(world):
+        full = stream(sampler(rank), total)
+        saved = sampler(rank)
+        saved.consumed_samples = resume * saved.global_batch  # what the trainer's checkpoint records
+        restored = GlobalBatchSampler(n_train, micro, accum, world, rank, seed=0, tag_epoch=True)
+        restored.load_state_dict(saved.state_dict())
+        resumed = stream(restored, total - resume)
+        assert len(resumed) == len(full[resume * accum :])
+        for a, b in zip(full[resume * accum :], resumed):
+            assert a.keys() == b.keys()
+            for key in a:
+                assert torch.equal(a[key], b[key]), key
+        for k, batch in enumerate(full):
+            assert (batch["epochs"] == (k // accum) // per_epoch).all()
+            assert (batch["sample_ids"] < n_train).all()
+
+        # the samples of this rank seen in both epoch 0 and epoch 1: new encoder masks and decoder seeds
+        seen: dict[tuple[int, int], tuple] = {}
+        for batch in full:
+            for r in range(len(batch["sample_ids"])):
+                n = int(batch["lengths"][r])
+                seen[int(batch["epochs"][r]), int(batch["sample_ids"][r])] = (
+                    batch["labels"][r, :n], int(batch["decoder_seeds"][r]))
+        twice = [i for (e, i) in seen if e == 0 and (1, i) in seen]
+        assert len(twice) > 10
+        assert all(seen[0, i][1] != seen[1, i][1] for i in twice)
+        same = sum(torch.equal(seen[0, i][0], seen[1, i][0]) for i in twice)
+        assert same <= len(twice) // 10, (same, len(twice))
+
+
+def test_pretraining_feeds_the_epoch_to_the_collator(tmp_path, tiny_recipe):
+    """`dupmae pretrain`'s data: training batches carry their epoch (new masks each epoch); the held-out
+    samples, read untagged by the evaluation, keep epoch 0's masks."""
+    from dupmae.engine.config import load_config
+    from dupmae.engine.pretrain import PretrainTask
+
+    task = PretrainTask(load_config(tiny_recipe(tmp_path / "r.toml", tmp_path / "run", data={"eval_samples": 16})))
+    task.setup_data(1, 0)
+    assert task.sampler.tag_epoch and len(task.dataset) == task.n_train == task.sampler.num_samples
+    s = task.sampler
+    for epoch in (0, 1, 2):
+        s.consumed_samples = epoch * s.steps_per_epoch * s.global_batch
+        keys = next(iter(s))
+        batch = task.collator([task.dataset[k] for k in keys])
+        assert (batch["epochs"] == epoch).all()
+        assert batch["sample_ids"].tolist() == epoch_permutation(task.n_train, s.seed, epoch)[: len(keys)].tolist()
+    held_out = task.collator([task.corpus[j] for j in range(task.n_train, task.n_train + 4)])
+    assert (held_out["epochs"] == 0).all() and (held_out["sample_ids"] >= task.n_train).all()
