@@ -5,11 +5,11 @@ what the reference RetroMAE/DupMAE collator does.
                 word ids, BoW as padded distinct ids + counts, one decoder seed per row. It never builds the
                 L x L decoder mask (the attention regenerates it from the seed) nor a B x V tensor.
     per-sample  written below after the reference: per sample, HF-style whole-word masking on Python lists
-                (word groups from "##" pieces, shuffle, whole words up to round(len * 0.3) tokens, 80/10/10 per
-                token), the decoder attention mask as a B x L x L int64 tensor built row by row in Python (per
-                row i: every whole word kept or hidden with probability 0.5, key 0 and the last [SEP] always
-                visible, key i never), and the bag-of-words target as a dense B x V float tensor
-                (weight[t] = 1/n for every text token t).
+                (word groups from "##" pieces, shuffle, whole words up to round(len * 0.3) tokens, special ids
+                such as [UNK] dropped, 80/10/10 per token), the decoder attention mask as a B x L x L int64
+                tensor built row by row in Python (per row i: every whole word kept or hidden with probability
+                0.5, key 0 and the last [SEP] always visible, key i never), and the bag-of-words target as a
+                dense B x V float tensor (weight[t] = 1/n for every text token t).
 
 Samples: 64 real samples of 510 tokens (+ [CLS]/[SEP] = 512): the first 510 tokens of the first 64 documents of
 at least 510 tokens in a folder made by `dupmae prepare --max-len 512` from the long-documents text (Python docs
@@ -134,6 +134,7 @@ class PerSampleCollator:
         import torch
 
         tok, rng = self.tok, self.rng
+        special = set(tok.special_ids)
         B = len(samples)
         L = max(len(s[1]) for s in samples) + 2
         input_ids = torch.full((B, L), tok.pad_id, dtype=torch.int64)
@@ -151,7 +152,7 @@ class PerSampleCollator:
             # encoder: whole-word mask, then 80% [MASK] / 10% random / 10% kept, token by token
             enc_ids, enc_labels = list(ids), [-100] * n
             for i, m in enumerate(self._whole_word_mask(tokens)):
-                if m:
+                if m and ids[i] not in special:
                     enc_labels[i] = ids[i]
                     r = rng.random()
                     if r < 0.8:

@@ -8,7 +8,9 @@ of 8):
 
     input_ids          (B, L) int64   encoder input: [CLS] tokens [SEP] [PAD].., whole-word masked
     attention_mask     (B, L) int64   1 on [CLS] .. [SEP]
-    labels             (B, L) int64   original id at encoder-masked positions, -100 elsewhere
+    labels             (B, L) int64   original id at encoder-masked positions, -100 elsewhere (a special id in
+                                      the text, [UNK] in practice, is never masked nor labelled, but counts
+                                      toward the whole-word budget, as in the reference)
     decoder_input_ids  (B, L) int64   the ORIGINAL (unmasked) ids, for the decoder's key/value stream
     decoder_labels     (B, L) int64   original id at every ordinary position, -100 on [CLS]/[SEP]/[PAD]
     word_ids           (B, L) int32   0 on [CLS], 1.. per whole word (a "##" piece joins the word before it),
@@ -52,6 +54,8 @@ class DupMAECollator:
         if self.mask_token_share + self.random_token_share > 1.0:
             raise ValueError("mask_token_share + random_token_share must not exceed 1")
         self._continues = np.asarray(self.tokenizer.continues_word, dtype=bool)
+        self._special = np.zeros(max(len(self._continues), max(self.tokenizer.special_ids, default=-1) + 1), bool)
+        self._special[list(self.tokenizer.special_ids)] = True
 
     def __call__(self, samples: list[tuple[int, np.ndarray]]) -> dict[str, torch.Tensor]:
         tok = self.tokenizer
@@ -94,6 +98,9 @@ class DupMAECollator:
         draws = encoder_draws(self.seed, torch.from_numpy(sample_ids), L, torch.from_numpy(epochs))
         priority, action, random_tok, _ = (d.numpy() for d in draws)
         chosen = whole_word_mask(ordinary, word_ids, lengths, priority, self.encoder_mask_prob)
+        # as the reference (HF torch_mask_tokens after its whole-word choice): special ids in the text ([UNK])
+        # used up budget above, but are neither replaced nor labelled
+        chosen &= ~self._special[ids]
         u = action.astype(np.float64) / 2.0**32
         to_mask = chosen & (u < self.mask_token_share)
         to_random = chosen & (u >= self.mask_token_share) & (u < self.mask_token_share + self.random_token_share)

@@ -8,6 +8,8 @@ reference collator (HF `DataCollatorForWholeWordMask._whole_word_mask`): the bud
 `max(1, round(len * mask_prob))` tokens with len counting [CLS] and [SEP]; words are visited in a random
 order, a word that would overflow the budget is skipped, and the visit stops once the budget is met.
 The loop runs over word ranks, vectorized across the batch (one step per word, not per token).
+Afterwards the collator drops every special id in the text ([UNK], in practice) from the chosen set, as the
+reference's `torch_mask_tokens` does: an [UNK] word uses up budget but is neither replaced nor labelled.
 
 Decoder: the per-row visibility rule lives in `dupmae.kernels.philox.decoder_visibility`, shared with the
 reference attention and the Triton kernel; `decoder_attention_mask` below builds it for a collated batch.

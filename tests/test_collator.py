@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dupmae.data_pipeline.collator import DupMAECollator
-from dupmae.data_pipeline.masks import decoder_attention_mask
+from dupmae.data_pipeline.masks import decoder_attention_mask, encoder_draws, whole_word_mask
 from dupmae.data_pipeline.tokenizer import load_fast_tokenizer, resolve_tokenizer_path, tokenizer_info
 from dupmae.kernels.philox import decoder_visibility
 
@@ -179,6 +179,70 @@ def test_masks_are_a_function_of_seed_epoch_and_sample_id(info, real_samples):
     again = collate(info, with_epoch(samples, 3), seed=1)
     for key in a:
         assert torch.equal(a[key], again[key]), key
+
+
+# ---- [UNK] in the text: the reference's budget, no label ---------------------------------------------------
+
+def reference_labelled(tok, ids: list[int], word_order: list[int], mask_prob: float) -> list[bool]:
+    """The positions the reference labels for one sample ([CLS] text [SEP]), its random shuffle of the words
+    replaced by `word_order`: transformers 4.x `DataCollatorForWholeWordMask._whole_word_mask` on the tokens,
+    as RetroMAE's collator calls it, then `torch_mask_tokens`' removal of every special token."""
+    tokens = tok.convert_ids_to_tokens(ids)
+    cand_indexes: list[list[int]] = []
+    for i, token in enumerate(tokens):
+        if token in ("[CLS]", "[SEP]"):
+            continue
+        if cand_indexes and token.startswith("##"):
+            cand_indexes[-1].append(i)
+        else:
+            cand_indexes.append([i])
+    num_to_predict = min(512, max(1, int(round(len(tokens) * mask_prob))))
+    covered: set[int] = set()
+    for index_set in (cand_indexes[w] for w in word_order):
+        if len(covered) >= num_to_predict:
+            break
+        if len(covered) + len(index_set) > num_to_predict:
+            continue
+        covered.update(index_set)
+    special = tok.get_special_tokens_mask(ids, already_has_special_tokens=True)
+    return [i in covered and not special[i] for i in range(len(ids))]
+
+
+def test_unk_uses_up_budget_but_is_never_masked_or_labelled(info, real_samples):
+    tok = load_fast_tokenizer(str(resolve_tokenizer_path(None)))
+    unk = tok.unk_token_id
+    assert unk in info.special_ids
+    with_unk = []
+    for sid, toks in real_samples:
+        toks = toks.copy()
+        toks[6::7] = unk  # every 7th token
+        with_unk.append((sid, toks, 2))
+    b = collate(info, with_unk, seed=8)
+    ids, inp, labels = b["decoder_input_ids"], b["input_ids"], b["labels"]
+    is_unk = ids == unk
+    text_tokens = int((b["lengths"] - 2).sum())
+    assert is_unk.sum() > 0.1 * text_tokens
+    assert (labels[is_unk] == -100).all() and (inp[is_unk] == unk).all()
+
+    # exactly the reference's labelled set, given our random order of the words
+    priority = encoder_draws(8, b["sample_ids"], ids.shape[1], b["epochs"])[0].numpy()
+    for r in range(len(with_unk)):
+        n = int(b["lengths"][r])
+        n_words = int(b["word_ids"][r, n - 1]) - 1
+        order = np.argsort(priority[r, 1 : n_words + 1], kind="stable").tolist()
+        assert (labels[r, :n] != -100).tolist() == reference_labelled(tok, ids[r, :n].tolist(), order, 0.3), r
+
+    # the budget counts [UNK]: the whole-word choice fills it as usual, the [UNK] part of it is dropped
+    ordinary = b["decoder_labels"].numpy() != -100
+    chosen = whole_word_mask(ordinary, b["word_ids"].numpy().astype(np.int64), b["lengths"].numpy(), priority, 0.3)
+    assert torch.equal(labels != -100, torch.from_numpy(chosen) & ~is_unk)
+    unk_chosen = int((torch.from_numpy(chosen) & is_unk).sum())
+    assert unk_chosen > 0.1 * chosen.sum()
+    plain = collate(info, with_epoch(real_samples, 2), seed=8)
+    plain_share = (plain["labels"] != -100).sum().item() / text_tokens
+    share = (labels != -100).sum().item() / text_tokens
+    unk_share = is_unk.sum().item() / text_tokens
+    assert share == pytest.approx(plain_share * (1 - unk_share), abs=0.01), (share, plain_share, unk_share)
 
 
 def test_bag_of_words_target(info, real_samples):
