@@ -172,8 +172,9 @@ def run_from_ranking(data: BeirData, scores, indices) -> dict[str, dict[str, flo
     return run
 
 
-def metrics(qrels: dict, run: dict) -> dict[str, float]:
-    """NDCG@10, MRR@10, Recall@100 (means over the judged queries) by pytrec_eval."""
+def metrics(qrels: dict, run: dict, per_query: dict | None = None) -> dict[str, float]:
+    """NDCG@10, MRR@10, Recall@100 (means over the judged queries) by pytrec_eval; with a `per_query` dict,
+    also each query's values there (for paired significance tests between systems)."""
     import pytrec_eval
 
     def top(n):
@@ -186,6 +187,9 @@ def metrics(qrels: dict, run: dict) -> dict[str, float]:
     for q in qrels:  # a judged query with nothing retrieved scores 0, not "absent"
         full.setdefault(q, {"ndcg_cut_10": 0.0, "recall_100": 0.0})
         rr.setdefault(q, {"recip_rank": 0.0})
+    if per_query is not None:
+        per_query.update({q: {"ndcg@10": full[q]["ndcg_cut_10"], "mrr@10": rr[q]["recip_rank"],
+                              "recall@100": full[q]["recall_100"]} for q in sorted(qrels)})
     return {"ndcg@10": sum(v["ndcg_cut_10"] for v in full.values()) / n,
             "mrr@10": sum(v["recip_rank"] for v in rr.values()) / n,
             "recall@100": sum(v["recall_100"] for v in full.values()) / n}
@@ -213,8 +217,9 @@ def evaluate(model: str | Path | None, data_dir: str | Path, split: str = "test"
              bm25: bool = True, batch_size: int = 64, cache_dir: str | Path | None = None,
              bow_weight: float | None = None,
              skip_invalid: bool = False, progress: bool = True, log=lambda m: None, max_queries: int | None = None,
-             max_documents: int | None = None, **rep_overrides) -> dict:
-    """Evaluate and return the report (also what `--out` writes)."""
+             max_documents: int | None = None, per_query: bool = False, **rep_overrides) -> dict:
+    """Evaluate and return the report (also what `--out` writes); with `per_query`, the report's "per_query"
+    holds every judged query's metrics for each row."""
     from .retrieval import cached_encode, search
 
     t0 = time.perf_counter()
@@ -250,12 +255,16 @@ def evaluate(model: str | Path | None, data_dir: str | Path, split: str = "test"
         for mode in modes:
             t = time.perf_counter()
             scores, idx = search(queries, docs, mode, k=100, bow_weight=bow_weight)
-            report["rows"][mode] = metrics(data.qrels, run_from_ranking(data, scores, idx))
+            report["rows"][mode] = metrics(data.qrels, run_from_ranking(data, scores, idx),
+                                           report.setdefault("per_query", {}).setdefault(mode, {})
+                                           if per_query else None)
             report["seconds"][mode] = round(time.perf_counter() - t, 2)
     if bm25:
         t = time.perf_counter()
         scores, idx = bm25_search(data)
-        report["rows"]["bm25"] = metrics(data.qrels, run_from_ranking(data, scores, idx))
+        report["rows"]["bm25"] = metrics(data.qrels, run_from_ranking(data, scores, idx),
+                                         report.setdefault("per_query", {}).setdefault("bm25", {})
+                                         if per_query else None)
         report["seconds"]["bm25"] = round(time.perf_counter() - t, 2)
     report["seconds"]["total"] = round(time.perf_counter() - t0, 2)
     return report
@@ -307,6 +316,8 @@ def add_arguments(p) -> None:
                    help="search a seeded sample of N documents (always including every judged one)")
     p.add_argument("--skip-invalid", action="store_true", help="leave out invalid entries instead of stopping")
     p.add_argument("--out", default=None, help="write the JSON report here")
+    p.add_argument("--per-query", action="store_true",
+                   help="the report also holds every query's metrics per row (for paired significance tests)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -334,7 +345,7 @@ def run_from_args(args) -> int:
                       cache_dir=cache, bow_weight=args.bow_weight, skip_invalid=args.skip_invalid,
                       progress=not args.no_progress, log=log, bow_top_k=args.top_k, query_top_k=args.query_top_k,
                       dense=args.dense, normalize=args.normalize, max_length=args.max_length, max_queries=args.max_queries,
-                      max_documents=args.max_documents)
+                      max_documents=args.max_documents, per_query=args.per_query)
     sampled = " (a seeded sample)" if report["subsample"] else ""
     title = (f"{report['documents']:,} documents{sampled}, {report['queries']:,} queries "
              f"({Path(args.data).name}/{args.split})"

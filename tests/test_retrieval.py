@@ -228,6 +228,11 @@ def test_metrics_on_known_rankings():
     # MRR@10 is cut at 10: a relevant document at rank 11 counts 0
     late = {"a": {**{f"n{i}": 100.0 - i for i in range(10)}, "x": 1.0}}
     assert metrics({"a": {"x": 1}}, late)["mrr@10"] == 0.0
+    # per query: every judged query's values, whose means are the row
+    each = {}
+    assert metrics(qrels, second, each) == got
+    assert each["a"] == pytest.approx({"ndcg@10": 1 / np.log2(3), "mrr@10": 0.5, "recall@100": 1.0})
+    assert each["b"] == {"ndcg@10": 0.0, "mrr@10": 0.0, "recall@100": 0.0}
 
 
 def test_evaluate_rows_and_bm25(tmp_path, tiny_model):
