@@ -41,6 +41,40 @@ def _run_prepare(args) -> int:
     return 0
 
 
+def _add_train_tokenizer(sub) -> None:
+    p = sub.add_parser("train-tokenizer", help="learn a BERT-style WordPiece vocabulary from your text",
+                       description="Train an uncased BERT WordPiece tokenizer ([PAD]=0, [UNK], [CLS], [SEP], [MASK]) "
+                                   "on jsonl / text / parquet input; the folder is what --tokenizer takes.")
+    p.add_argument("inputs", nargs="+", help="jsonl / text / parquet files, globs, or saved HF dataset folders")
+    p.add_argument("--out", "-o", required=True, help="output folder (tokenizer.json, vocab.txt, configs)")
+    p.add_argument("--vocab-size", type=int, default=30522, help="vocabulary size incl. special tokens (default 30522)")
+    p.add_argument("--min-frequency", type=int, default=2, help="fewest occurrences of a learned piece (default 2)")
+    p.add_argument("--limit-alphabet", type=int, default=1000,
+                   help="most frequent characters kept; the rest become [UNK] (default 1000)")
+    p.add_argument("--format", default="auto", choices=["auto", "jsonl", "text", "parquet", "hf"])
+    p.add_argument("--text-field", default="text", help="field/column holding the text (default text)")
+    p.add_argument("--title-field", default="title", help="optional field prepended to the text; '' for none")
+    p.add_argument("--text-mode", default="line", choices=["line", "block"],
+                   help="text files: a document per line, or per blank-line-separated block")
+    p.add_argument("--model-max-length", type=int, default=512, help="model_max_length in the config (default 512)")
+    p.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_train_tokenizer)
+
+
+def _run_train_tokenizer(args) -> int:
+    from dupmae.data_pipeline.train_tokenizer import TrainTokenizerConfig, train_tokenizer
+
+    cfg = TrainTokenizerConfig(
+        inputs=args.inputs, out_dir=args.out, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
+        limit_alphabet=args.limit_alphabet, format=args.format, text_field=args.text_field,
+        title_field=args.title_field or None, text_mode=args.text_mode, model_max_length=args.model_max_length,
+        overwrite=args.overwrite, progress=not args.no_progress,
+    )
+    train_tokenizer(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+    return 0
+
+
 def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="counts, length histogram, samples and checksum verification of shards")
     p.add_argument("dir", help="a folder made by dupmae prepare")
@@ -133,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dupmae {v}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_prepare(sub)
+    _add_train_tokenizer(sub)
     _add_inspect(sub)
     _add_pretrain(sub)
     _add_finetune(sub)
