@@ -41,6 +41,25 @@ def device_peak_flops() -> float | None:
     return None
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_bf16_native() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16). Without either, PyTorch's bf16
+    matmuls emulate it and run far slower than fp32 (benchmarks/bench_bf16_cpu.py: 4x to 40x slower on an
+    AVX2-only EPYC, by layout); with them, about 2x faster."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
 def step_flops(config, batch_shape: tuple[int, int], mlm_tokens: int, dec_tokens: int,
                objective: str = "dupmae") -> float:
     """Analytic FLOPs of forward + backward for one micro batch of shape (B, L), for a pre-training

@@ -38,7 +38,7 @@ import torch
 
 from . import checkpoint, distributed
 from .config import ConfigError, RunConfig, to_toml
-from .metrics import TensorBoard, device_peak_flops, format_duration, peak_memory_bytes
+from .metrics import TensorBoard, cpu_bf16_native, device_peak_flops, format_duration, peak_memory_bytes
 
 EXIT_OK = 0
 EXIT_BAD_LOSS = 3
@@ -166,6 +166,10 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.device = torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cpu" and cfg.train.precision == "bf16" and not cpu_bf16_native() and self.rank == 0:
+            self.log("[warning] train.precision = bf16 on a CPU without AVX512-BF16 or AMX: its bf16 matrix "
+                     "products are emulated and run several times slower than fp32 (benchmarks/bench_bf16_cpu.py); "
+                     "use train.precision = fp32 on this machine")
 
         # data: the task's dataset, sampler (data order: a function of seed and position) and collator
         task.setup_data(self.world, self.rank)

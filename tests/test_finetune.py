@@ -5,6 +5,7 @@ the whole batch."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -333,3 +334,19 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, tiny_beir, no_
     assert out[True].keys() == out[False].keys() == {1, 2, 3}
     for step in out[False]:
         assert out[True][step] == pytest.approx(out[False][step], rel=1e-6)
+
+
+def test_bf16_on_cpu_fine_tunes(tmp_path, tiny_beir, tiny_encoder, one_rank, capsys):
+    """train.precision = bf16 works on a CPU: finite losses, weights that move, the warning where the CPU has
+    no native bf16 products."""
+    from dupmae.engine.metrics import cpu_bf16_native
+
+    run_dir = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.toml", run_dir, tiny_encoder, tiny_beir,
+                          train={"max_steps": 3, "precision": "bf16"}, zero={"stage": 1})
+    assert run(recipe) == 0
+    steps = [r for r in records(run_dir) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in steps)
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in steps)
+    warned = "precision = bf16 on a CPU without AVX512-BF16 or AMX" in capsys.readouterr().err
+    assert warned == (not cpu_bf16_native())

@@ -493,3 +493,24 @@ def test_deepspeed_user_json_contradicting_the_recipe_is_refused(tmp_path):
     user.write_text(json.dumps({"gradient_clipping": 0.5}))
     with pytest.raises(ConfigError, match=r"gradient_clipping = 0.5 contradicts the recipe's 1.0"):
         deepspeed_config(cfg_with(train={"deepspeed_config": str(user)}), 1)
+
+
+def test_bf16_on_cpu_pretrains(tmp_path, tiny_recipe, one_rank, capsys):
+    """train.precision = bf16 works on a CPU for pre-training: finite losses,
+    weights held in bf16 by DeepSpeed, a resumable checkpoint; the warning where the CPU has no native bf16."""
+    from dupmae.engine.metrics import cpu_bf16_native
+
+    run_dir = tmp_path / "run"
+    cfg = load_config(tiny_recipe(tmp_path / "r.toml", run_dir, dropout=False,
+                                  train={"max_steps": 4, "precision": "bf16"}, zero={"stage": 1}))
+    t = trainer.Trainer(cfg)
+    try:
+        assert next(t.engine.module.parameters()).dtype == torch.bfloat16
+        assert t.train() == 0
+    finally:
+        t.close()
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
+    assert (run_dir / "checkpoints" / "latest_complete").read_text().strip() == "step4"
+    warned = "precision = bf16 on a CPU without AVX512-BF16 or AMX" in capsys.readouterr().err
+    assert warned == (not cpu_bf16_native())
