@@ -6,7 +6,7 @@
 
 Sources (each fetched once into `--cache`, default work/cache/english/, so reruns need no network):
 
-  python-docs  Debian `python3.11-doc`: the Python 3.11 documentation as HTML (tutorial, library and language
+  python-docs  Debian `python3.11-doc` (`--python-doc`): the Python 3.11 documentation as HTML (tutorial, library and language
                reference, HOWTOs, FAQs). Main content only: navigation, sidebars, scripts, code blocks and API
                signatures are left out. License: PSF License Version 2.
   gcide        Debian `dict-gcide`: GCIDE, the Collaborative International Dictionary of English (Webster's
@@ -371,9 +371,10 @@ class HtmlText(HTMLParser):
 
 
 def python_docs(deb: dict, opts) -> list[tuple[str, str]]:
-    root = deb["root"] / "usr/share/doc/python3.11/html"
-    if not root.is_dir():
-        raise BuildError(f"{deb['file']}: no usr/share/doc/python3.11/html inside")
+    found = sorted(deb["root"].glob("usr/share/doc/python3*/html"))
+    if not found:
+        raise BuildError(f"{deb['file']}: no usr/share/doc/python3.*/html inside")
+    root = found[0]
     pages = sorted(p for p in root.rglob("*.html")
                    if not p.relative_to(root).parts[0].startswith("_") and not SKIP_PAGES.match(p.name))
     docs = []
@@ -735,13 +736,13 @@ def extra_docs(name: str, path: Path, opts) -> list[tuple[str, str]]:
 
 SOURCES = {
     "python-docs": {"package": "python3.11-doc", "license": "PSF-2.0 (Python Software Foundation License Version 2)",
-                    "copyright": "usr/share/doc/python3.11-doc/copyright"},
+                    "copyright": "usr/share/doc/{package}/copyright"},
     "gcide": {"package": "dict-gcide", "license": "GPL-2.0-or-later",
-              "copyright": "usr/share/doc/dict-gcide/copyright"},
+              "copyright": "usr/share/doc/{package}/copyright"},
     "wordnet": {"package": "wordnet-base", "license": "WordNet 3.0 license (BSD-style)",
-                "copyright": "usr/share/doc/wordnet-base/copyright"},
+                "copyright": "usr/share/doc/{package}/copyright"},
     "perl-docs": {"package": "perl-doc", "license": "GPL-1.0-or-later OR Artistic-1.0-Perl",
-                  "copyright": "usr/share/doc/perl-doc/copyright"},
+                  "copyright": "usr/share/doc/{package}/copyright"},
     "wikipedia": {"package": "gensim (PyPI wheel, test data only)",
                   "license": "CC-BY-SA-3.0 and GFDL (Wikipedia text), shipped in gensim (LGPL-2.1-only)"},
 }
@@ -793,6 +794,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hold-out", action="append", default=None, metavar="QUERIES",
                     help="queries jsonl (or BEIR folder) whose texts are removed where quoted as examples "
                          "(repeatable; default data/wordnet/queries.jsonl; 'none' for none)")
+    ap.add_argument("--python-doc", default="python3.11-doc",
+                    help="the Debian package of the Python documentation (default python3.11-doc, Debian 12's)")
     ap.add_argument("--gensim-version", default=GENSIM_VERSION, help=f"the wheel to read (default {GENSIM_VERSION})")
     args = ap.parse_args(argv)
     try:
@@ -833,7 +836,7 @@ def build(args) -> None:
             pkg = fetch_gensim_wheel(cache, args.gensim_version)
             docs = wikipedia(pkg, args)
         else:
-            pkg = fetch_deb(info["package"], cache)
+            pkg = fetch_deb(args.python_doc if source == "python-docs" else info["package"], cache)
             fn = {"python-docs": lambda: python_docs(pkg, args), "gcide": lambda: gcide(pkg, args),
                   "wordnet": lambda: wordnet(pkg, args, hold_out), "perl-docs": lambda: perl_docs(pkg, args)}[source]
             docs = fn()
@@ -885,9 +888,10 @@ def build(args) -> None:
         if source == "wikipedia":
             target.write_text(WIKIPEDIA_LICENSE.format(member=WIKI_MEMBER, wheel=pkg["file"]), encoding="utf-8")
         else:
-            copyright_file = pkg["root"] / SOURCES[source]["copyright"]
+            inside = SOURCES[source]["copyright"].format(package=pkg["package"])
+            copyright_file = pkg["root"] / inside
             if not copyright_file.is_file():
-                raise BuildError(f"{pkg['file']}: no {SOURCES[source]['copyright']} inside")
+                raise BuildError(f"{pkg['file']}: no {inside} inside")
             shutil.copyfile(copyright_file, target)
         meta[source]["license_file"] = f"licenses/{target.name}"
     summary = {
