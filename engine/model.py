@@ -106,6 +106,13 @@ def load_masked_lm(cfg: ModelConfig):
     return lm
 
 
+def tied_head_parameters(lm) -> list:
+    """The MLM head's weight (tied to the word embeddings) and bias: used outside their module's forward by
+    the BoW max-pool and the fused cross-entropy, so ZeRO-3 must be told to gather them (both tasks)."""
+    head = lm.cls.predictions
+    return [head.decoder.weight, head.decoder.bias]
+
+
 class DupMAE(nn.Module):
     def __init__(self, lm, cfg: ModelConfig):
         super().__init__()

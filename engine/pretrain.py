@@ -14,7 +14,7 @@ import torch
 from . import distributed
 from .config import ConfigError, RunConfig
 from .metrics import step_flops
-from .model import DupMAE
+from .model import DupMAE, tied_head_parameters
 
 
 class PretrainTask:
@@ -69,8 +69,7 @@ class PretrainTask:
 
     @staticmethod
     def external_parameters(model: DupMAE) -> list:
-        head = model.lm.cls.predictions  # tied: used outside its module's forward
-        return [head.decoder.weight, head.decoder.bias]
+        return tied_head_parameters(model.lm)
 
     def batch_counts(self, b: dict) -> dict[str, float]:
         mlm, dec = int((b["labels"] != -100).sum()), int((b["decoder_labels"] != -100).sum())

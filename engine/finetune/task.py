@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from .. import distributed
+from ..model import tied_head_parameters
 from ..config import (CheckpointConfig, ConfigError, LoggingConfig, OptimConfig, TrainConfig, ZeroConfig,
                       load_config, validate_common)
 from .model import STATS, RetrieverConfig, RetrieverTraining, grad_cache_passes, grad_cache_plan
@@ -126,7 +128,7 @@ class FinetuneTask:
 
         cfg = self.cfg
         self.world, self.rank = world, rank
-        log = (lambda m: print(m, flush=True, file=__import__("sys").stderr)) if rank == 0 else (lambda m: None)
+        log = (lambda m: print(m, flush=True, file=sys.stderr)) if rank == 0 else (lambda m: None)
         try:
             data = load_training_data(cfg.data.train if len(cfg.data.train) > 1 else cfg.data.train[0],
                                       fmt=cfg.data.format, split=cfg.data.split, strict=cfg.data.strict, log=log)
@@ -153,13 +155,12 @@ class FinetuneTask:
             m.bow_weight = model.calibrate_bow_weight(batch)
             if self.rank == 0:
                 print(f"[finetune] model.bow_weight calibrated to {m.bow_weight:g} (std of dense / std of BoW scores "
-                      "on the first batch; set it in the recipe to fix it)", file=__import__("sys").stderr, flush=True)
+                      "on the first batch; set it in the recipe to fix it)", file=sys.stderr, flush=True)
         return model
 
     @staticmethod
     def external_parameters(model: RetrieverTraining) -> list:
-        head = model.lm.cls.predictions  # tied: used outside its module's forward
-        return [head.decoder.weight, head.decoder.bias]
+        return tied_head_parameters(model.lm)
 
     def batch_counts(self, b: dict) -> dict[str, float]:
         from ..metrics import encoder_flops
