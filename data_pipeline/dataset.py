@@ -5,6 +5,11 @@ with weights through a deterministic interleaving: position i of the blend is a 
 pair, so the blend's index is the "sample id" that masks and data order are functions of.
 `EpochSamples` serves a training split as the epoch-tagging sampler addresses it: the epoch travels with each
 sample to the collator, which draws new masks for a sample every epoch.
+
+`data_files()` (each of the three) records the files a dataset opened: path -> size, mtime (ns) and the sha256
+manifest.json gives for it. A training run keeps that record in every checkpoint; `changed_files` compares it
+with the files a resumed run opens (size and mtime first, the sha256 only where they differ), so a shard
+replaced or removed between a stop and its resume is refused rather than trained on.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .inspect import load_manifest
-from .shards import Shard, ShardError
+from .shards import Shard, ShardError, sha256_file
 
 
 class PackedDataset:
@@ -23,9 +28,15 @@ class PackedDataset:
         self.directory = Path(directory)
         self.manifest = load_manifest(self.directory)
         self.shards = [Shard.open(self.directory / s["name"]) for s in self.manifest["shards"]]
+        self._files = {}
         for s, entry in zip(self.shards, self.manifest["shards"]):
             if len(s) != entry["samples"]:
                 raise ShardError(f"{s.prefix}.idx: {len(s)} samples, manifest.json says {entry['samples']}")
+            for suffix in ("bin", "idx"):
+                path = s.prefix.with_suffix(f".{suffix}")
+                st = path.stat()  # the file just opened (memmapped)
+                self._files[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                          "sha256": entry.get(f"{suffix}_sha256")}
         self.cumulative = np.cumsum([0] + [len(s) for s in self.shards])
         self.vocab_hash = self.manifest["tokenizer"]["vocab_hash"]
         self.max_len = int(self.manifest["max_len"])
@@ -44,6 +55,10 @@ class PackedDataset:
 
     def lengths(self) -> np.ndarray:
         return np.concatenate([np.asarray(s.lengths) for s in self.shards]) if self.shards else np.zeros(0, np.int32)
+
+    def data_files(self) -> dict[str, dict]:
+        """path -> {"size", "mtime_ns", "sha256"} of every shard file, as opened."""
+        return dict(self._files)
 
 
 class BlendedDataset:
@@ -90,6 +105,9 @@ class BlendedDataset:
         d, j = int(self.dataset_index[i]), int(self.sample_index[i])
         return int(i), self.datasets[d].tokens(j)
 
+    def data_files(self) -> dict[str, dict]:
+        return {k: v for d in self.datasets for k, v in d.data_files().items()}
+
 
 class EpochSamples:
     """The first `num_samples` samples of a dataset (the training split), addressed as a
@@ -112,6 +130,38 @@ class EpochSamples:
         epoch, i = divmod(int(key), self.num_samples)
         sample_id, tokens = self.dataset[i]
         return sample_id, tokens, epoch
+
+    def data_files(self) -> dict[str, dict]:
+        return self.dataset.data_files()
+
+
+def changed_files(recorded: dict[str, dict], current: dict[str, dict]) -> list[str]:
+    """How the files of `current` (`data_files()` now) differ from `recorded` (`data_files()` when a checkpoint
+    was saved), one line per file naming it; [] when they are the same data. A file whose size and mtime are
+    unchanged is taken as unchanged; one whose size differs, or whose manifest gives another sha256, has
+    changed; one with a new mtime only is hashed and compared with the recorded sha256 (a copy or a touch
+    passes, new content does not)."""
+    problems = []
+    for path, was in sorted(recorded.items()):
+        now = current.get(path)
+        if now is None:
+            problems.append(f"{path}: removed" if not Path(path).exists() else
+                            f"{path}: no longer in its folder's manifest.json")
+        elif now["size"] != was["size"]:
+            problems.append(f"{path}: {now['size']:,} bytes, {was['size']:,} when the checkpoint was saved")
+        elif now.get("sha256") != was.get("sha256"):
+            problems.append(f"{path}: manifest.json gives another sha256 than when the checkpoint was saved "
+                            "(the folder was prepared again)")
+        elif now["mtime_ns"] != was["mtime_ns"]:
+            if was.get("sha256") is None:
+                problems.append(f"{path}: modified since the checkpoint was saved, and manifest.json records no "
+                                "sha256 to compare")
+            elif sha256_file(path) != was["sha256"]:
+                problems.append(f"{path}: content replaced since the checkpoint was saved (same size, sha256 "
+                                "differs)")
+    problems += [f"{path}: new, not part of the data the checkpoint was trained on"
+                 for path in sorted(set(current) - set(recorded))]
+    return problems
 
 
 def open_datasets(directories: list[str | Path], weights: list[float] | None = None):
