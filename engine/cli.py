@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     from dupmae.data_pipeline.shards import ShardError
     from dupmae.data_pipeline.tokenizer import TokenizerError
     from dupmae.cluster.launch import LaunchError
+    from dupmae.engine.checkpoint import CheckpointError
     from dupmae.engine.config import ConfigError
     from dupmae.engine.evaluate import EvalError
     from dupmae.engine.export import ExportError
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (PrepareError, InputError, ShardError, TokenizerError, ConfigError, LaunchError, ExportError,
-            EvalError) as e:
+            EvalError, CheckpointError) as e:
         print(f"dupmae {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

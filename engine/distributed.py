@@ -122,6 +122,10 @@ def rank() -> int:
     return torch_dist.get_rank() if torch_dist.is_initialized() else 0
 
 
+def world_size() -> int:
+    return torch_dist.get_world_size() if torch_dist.is_initialized() else 1
+
+
 def barrier() -> None:
     if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
         torch_dist.barrier()

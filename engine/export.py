@@ -16,6 +16,10 @@ The checkpoint's ZeRO shards (any stage, any number of ranks) are consolidated t
     dupmae.json                        the model switches, the retrieval representation settings (dense
                                        [CLS] + top-k bag-of-words, see `engine/encoder.py`) and the source
 
+Before anything is loaded, every file of the checkpoint is checked against the size and sha256 its completion
+marker recorded at save time (a damaged checkpoint is refused, naming the file), and every file is unpickled
+with `weights_only=True` (engine/checkpoint.py: a pickle that would run code is refused).
+
 A fine-tuning run (`dupmae finetune`: its config.toml's [model] has `dense_dim`) is exported by
 `export_finetune` / `export_retriever` instead (`is_finetune_run` is the dispatch hook `export()` uses):
 the same HF folder (no enhanced decoder) plus `dense_projection.safetensors` (W_cls) and the two
@@ -97,21 +101,41 @@ def locate(source: str | Path, tag: str | None = None) -> tuple[Path, str, dict,
     marker_path = ckpt_dir / tag / MARKER
     if not marker_path.is_file():
         raise ExportError(f"{ckpt_dir / tag}: not a complete checkpoint (no {MARKER})")
-    marker = json.loads(marker_path.read_text(encoding="utf-8"))
+    try:
+        marker = json.loads(marker_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExportError(f"{marker_path}: cannot be read ({e}): the checkpoint's completion marker is damaged") from e
     return ckpt_dir, tag, marker, ckpt_dir.parent
 
 
+def verify_checkpoint(ckpt_dir: Path, tag: str, marker: dict, log=lambda m: None) -> None:
+    """Every file of the checkpoint must match the size and checksum its marker recorded when it was saved;
+    a checkpoint saved before checksums were kept is exported unverified, with a note."""
+    from .checkpoint import verify
+
+    problems = verify(ckpt_dir, tag, marker)
+    if problems is None:
+        log(f"[export] note: {ckpt_dir / tag} records no checksums (saved by an older version): not verified")
+    elif problems:
+        raise ExportError(f"{ckpt_dir / tag} is damaged, not exported: " + "; ".join(problems)
+                          + ". Export an older checkpoint (--tag stepN) or restore the file from a copy")
+
+
 def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict:
-    """fp32 weights of checkpoint `tag`, whatever ZeRO stage and world size saved it."""
-    import torch
+    """fp32 weights of checkpoint `tag`, whatever ZeRO stage and world size saved it. Every file is unpickled
+    with `weights_only=True` (`checkpoint.restricted_unpickling`, DeepSpeed's consolidation included): a
+    pickle that would run code is refused."""
+    from .checkpoint import CheckpointError, load_file, restricted_unpickling
 
     folder = ckpt_dir / tag
     if any(folder.glob("*_optim_states.pt")):  # ZeRO 1-3 (and DeepSpeed's bf16 optimizer): fp32 master shards
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         try:
-            with contextlib.redirect_stdout(sys.stderr):  # its progress lines; stdout carries only the result
+            with contextlib.redirect_stdout(sys.stderr), restricted_unpickling():  # stdout carries only the result
                 state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        except CheckpointError as e:
+            raise ExportError(str(e)) from e
         except Exception as e:  # a missing or truncated shard: name the folder
             raise ExportError(f"{folder}: cannot consolidate the ZeRO shards: {type(e).__name__}: {e}") from e
     else:  # no ZeRO partitioning: the module file holds the weights
@@ -119,7 +143,9 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict:
         if not path.is_file():
             raise ExportError(f"{folder}: neither ZeRO optimizer shards nor {path.name}")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)["module"]
+            state = load_file(path)["module"]
+        except CheckpointError as e:
+            raise ExportError(str(e)) from e
         except Exception as e:
             raise ExportError(f"{path}: cannot read: {type(e).__name__}: {e}") from e
     return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
@@ -185,6 +211,7 @@ def export(source: str | Path, out_dir: str | Path, tag: str | None = None, toke
 
     t0 = time.perf_counter()
     log(f"[export] {ckpt_dir / tag}: step {marker.get('step')}, saved by {marker.get('world_size')} rank(s)")
+    verify_checkpoint(ckpt_dir, tag, marker, log)
     state = consolidated_state_dict(ckpt_dir, tag)
     torch.manual_seed(0)
     model_log = logging.getLogger("dupmae.engine.model")
@@ -497,6 +524,7 @@ def export_finetune(source: str | Path, out_dir: str | Path, tag: str | None = N
             raise ExportError(f"the run's encoder {encoder}: {e} (pass --tokenizer FOLDER)") from e
     log(f"[export] {ckpt_dir / tag}: fine-tuning step {marker.get('step')}, saved by {marker.get('world_size')} "
         "rank(s)")
+    verify_checkpoint(ckpt_dir, tag, marker, log)
     state = consolidated_state_dict(ckpt_dir, tag)
     src = {"checkpoint": str((ckpt_dir / tag).resolve()), "step": marker.get("step"),
            "consumed_samples": marker.get("consumed_samples"), "config_digest": marker.get("config_digest")}

@@ -174,6 +174,10 @@ class Trainer:
         # data: the task's dataset, sampler (data order: a function of seed and position) and collator
         task.setup_data(self.world, self.rank)
         self.dataset, self.sampler, self.collator = task.dataset, task.sampler, task.collator
+        # the files the dataset opened (size, mtime, checksum), recorded in each checkpoint: a resume on changed
+        # data is refused (a dataset without files to record, e.g. fine-tuning's jsonl, records None)
+        files = getattr(self.dataset, "data_files", None)
+        self.data_files = files() if files else None
 
         torch.manual_seed(cfg.train.seed)
         model = task.build_model()
@@ -207,6 +211,7 @@ class Trainer:
 
         self.step = 0
         self.bad_steps = 0
+        self._loaded: tuple[str, int] | None = None  # (tag, step) of the checkpoint this run resumed from
         self._stop_signal: int | None = None
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -228,14 +233,44 @@ class Trainer:
 
     def _find_checkpoint(self) -> tuple[str, str] | None:
         """(tag, tag to load) of the checkpoint to resume from; a checkpoint written by another number of
-        ranks is converted to DeepSpeed's universal format first and loaded from that copy."""
-        found = checkpoint.latest_complete(self.ckpt_dir) if self.cfg.checkpoint.resume else None
-        if found is None:
+        ranks is converted to DeepSpeed's universal format first and loaded from that copy.
+
+        The newest complete checkpoint is verified against the checksums its marker recorded; a damaged one is
+        set aside with a warning naming its file and the next older complete one is tried, until none is left
+        (an error naming the files). Then the data this run reads must be the data the checkpoint was trained
+        on, and the ZeRO stage and precision ones DeepSpeed can load it with."""
+        tags = checkpoint.complete_checkpoints(self.ckpt_dir) if self.cfg.checkpoint.resume else []
+        if not tags:
             return None
-        tag, marker = found
+        for i, tag in enumerate(tags):
+            try:
+                marker = checkpoint.read_marker(self.ckpt_dir, tag)
+            except checkpoint.CheckpointError as e:
+                marker, problems = {}, [str(e)]
+            else:
+                problems = checkpoint.verify(self.ckpt_dir, tag, marker)
+            if problems is None:
+                self.log(f"[{self.task.name}] note: {self.ckpt_dir / tag} records no checksums (saved by an older "
+                         "version): loading it unverified")
+                break
+            if not problems:
+                break
+            damage = "; ".join(problems)
+            if i + 1 == len(tags):
+                raise checkpoint.CheckpointError(
+                    f"{self.ckpt_dir / tag} is damaged: {damage}. No older complete checkpoint is left in "
+                    f"{self.ckpt_dir} to fall back to: restore the file from a copy and run again, or start afresh "
+                    "in a new train.run_dir")
+            self.log(f"[{self.task.name}] [warning] {self.ckpt_dir / tag} is damaged: {damage}. Setting it aside "
+                     f"({checkpoint.DAMAGED}) and falling back to {self.ckpt_dir / tags[i + 1]}")
+            checkpoint.set_aside(self.ckpt_dir, tag, problems)
+        if i:
+            checkpoint.set_pointer(self.ckpt_dir, tag)
         if marker.get("config_digest") not in (None, self.cfg.digest()):
             raise ConfigError(f"{self.ckpt_dir / tag} was written with another model or data configuration "
                               "(config hash differs): use a new train.run_dir, or checkpoint.resume=false")
+        self._check_setup(tag, marker)
+        self._check_data(tag, marker)
         saved_world = marker.get("world_size", self.world)
         if saved_world == self.world:
             return tag, tag
@@ -249,9 +284,51 @@ class Trainer:
                  "converting it to a universal checkpoint")
         return tag, checkpoint.to_universal(self.ckpt_dir, tag)
 
+    def _check_setup(self, tag: str, marker: dict) -> None:
+        """The recipe's ZeRO stage and precision must be ones DeepSpeed can load the checkpoint with: the same,
+        or ZeRO 1 <-> 2 (one optimizer class and checkpoint layout; the resumed losses are identical)."""
+        stage, precision = checkpoint.saved_setup(self.ckpt_dir, tag, marker)
+        want_stage, want_precision = self.cfg.zero.stage, self.cfg.train.precision
+        family = {0: "0", 1: "1 or 2", 2: "1 or 2", 3: "3"}
+        same_stage = family[stage] == family[want_stage] if isinstance(stage, int) else family[want_stage] == stage
+        same_precision = precision in (None, want_precision)
+        if same_stage and same_precision:
+            if isinstance(stage, int) and stage != want_stage:
+                self.log(f"[{self.task.name}] {tag} was saved with ZeRO-{stage}, resuming with ZeRO-{want_stage} "
+                         "(the same optimizer state layout)")
+            return
+        saved = f"ZeRO-{stage}" + (f" and {precision}" if precision else "")
+        raise ConfigError(
+            f"{self.ckpt_dir / tag} was saved with {saved}; this recipe asks for ZeRO-{want_stage} and "
+            f"{want_precision} (zero.stage, train.precision). DeepSpeed cannot load a checkpoint into another "
+            "ZeRO stage (except 1 <-> 2) or precision: resume with the saved zero.stage and train.precision, or "
+            f"export it (dupmae export {self.run_dir} OUT_DIR) and start a new run (a new train.run_dir) whose "
+            "model.encoder is OUT_DIR: the weights carry over, the optimizer state starts afresh")
+
+    def _check_data(self, tag: str, marker: dict) -> None:
+        """The data files must be those the checkpoint was trained on (`data_pipeline.dataset.changed_files`:
+        size and mtime first, the checksum only where they differ); one local rank per node checks."""
+        recorded = marker.get("data_files")
+        if recorded is None or self.data_files is None:
+            if self.data_files is not None:
+                self.log(f"[{self.task.name}] note: {self.ckpt_dir / tag} records no data files (saved by an older "
+                         "version): the data is not compared")
+            return
+        from dupmae.data_pipeline.dataset import changed_files
+
+        problems = changed_files(recorded, self.data_files) if self.local_rank == 0 else []
+        problems = sorted({p for part in distributed.gather_objects(problems) for p in part})
+        if problems:
+            from dupmae.data_pipeline.shards import ShardError
+
+            raise ShardError(f"the data changed since {self.ckpt_dir / tag} was saved: " + "; ".join(problems)
+                             + ". Training on would silently mix other data into this run: put the files back as "
+                             "they were, or start a new run (a new train.run_dir) on the new data")
+
     def _resume(self, tag: str, load_tag: str) -> None:
         state = checkpoint.load(self.engine, self.ckpt_dir, load_tag, rng_tag=tag)
         self.step = int(state["step"])
+        self._loaded = (tag, self.step)
         self.bad_steps = int(state.get("bad_steps", 0))
         self.sampler.load_state_dict(state["sampler"])
         # the optimizer holds the lr of the step it last took; the schedule (max_steps may have changed) decides
@@ -262,8 +339,17 @@ class Trainer:
                  f"{self.sampler.consumed_samples:,} samples consumed")
 
     def save(self) -> None:
+        tag = checkpoint.tag_for(self.step)
+        if self._loaded == (tag, self.step) and (self.ckpt_dir / tag / checkpoint.MARKER).is_file():
+            # resumed at this very step and trained none: the checkpoint holds this state already, and saving it
+            # again would first make it incomplete (with keep_last 1 nothing complete would be left meanwhile)
+            self.log(f"[{self.task.name}] checkpoint {self.ckpt_dir / tag} already holds step {self.step}")
+            return
+        extra = {"zero_stage": self.cfg.zero.stage, "precision": self.cfg.train.precision}
+        if self.data_files is not None:
+            extra["data_files"] = self.data_files
         tag = checkpoint.save(self.engine, self.ckpt_dir, self.step, self.state_dict(),
-                              self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
+                              self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every, marker_extra=extra)
         self.log(f"[{self.task.name}] saved checkpoint {self.ckpt_dir / tag}")
 
     # -- signals ------------------------------------------------------------------------------------

@@ -1,0 +1,300 @@
+"""Faults a long pre-training run must survive, injected into real one-rank runs in this process (issue 14):
+a damaged checkpoint (a flipped byte, a truncated file), a save that fails halfway, data changed between a
+stop and its resume, a checkpoint whose pickle would run code, and a resume with another ZeRO stage."""
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_trainer import one_rank, one_rank_env, read_metrics  # noqa: F401  (one_rank is a fixture)
+
+from dupmae.data_pipeline.dataset import PackedDataset, changed_files
+from dupmae.data_pipeline.shards import Shard, write_shard
+from dupmae.engine import checkpoint, trainer
+from dupmae.engine.checkpoint import MARKER, CheckpointError
+from dupmae.engine.cli import main as cli_main
+from dupmae.engine.config import ConfigError, load_config
+from dupmae.engine.export import ExportError, export
+
+
+def _run(monkeypatch, recipe: Path, *overrides: str) -> int:
+    """One in-process run of `recipe`, as a fresh `dupmae pretrain` process would start it."""
+    import deepspeed.utils.groups
+
+    one_rank_env(monkeypatch)
+    monkeypatch.setattr(deepspeed.utils.groups, "_WORLD_GROUP", None)
+    return trainer.run(load_config(recipe, list(overrides)))
+
+
+def _cli(monkeypatch, recipe: Path, *overrides: str) -> int:
+    import deepspeed.utils.groups
+
+    one_rank_env(monkeypatch)
+    monkeypatch.setattr(deepspeed.utils.groups, "_WORLD_GROUP", None)
+    return cli_main(["pretrain", "--config", str(recipe), *overrides])
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir) if "loss" in r]
+
+
+class Payload:
+    """Unpickling this calls open(marker, "w"): a stand-in for any code a hostile checkpoint could run."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (builtins.open, (self.marker, "w"))
+
+
+# -- A: damaged checkpoints ---------------------------------------------------------------------------------
+
+def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, tiny_recipe, one_rank, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    recipe = tiny_recipe(tmp_path / "r.toml", run_dir, dropout=False, zero={"stage": 1},
+                         train={"max_steps": 6, "stop_at_step": 4}, checkpoint={"every": 2, "keep_last": 2})
+    assert _run(monkeypatch, recipe) == 0
+    ckpt = run_dir / "checkpoints"
+    marker = json.loads((ckpt / "step4" / MARKER).read_text())
+    assert marker["checksum"] == "sha256" and marker["zero_stage"] == 1 and marker["precision"] == "fp32"
+    names = sorted(p.name for p in (ckpt / "step4").iterdir() if p.name != MARKER)
+    assert sorted(marker["files"]) == names and len(names) == 3  # model states, optimizer shard, RNG
+    assert all(marker["files"][n]["size"] == (ckpt / "step4" / n).stat().st_size for n in names)
+    first = dict(_losses(run_dir))
+
+    damaged = ckpt / "step4" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    _flip_byte(damaged)
+    capsys.readouterr()
+    assert _run(monkeypatch, recipe, "train.stop_at_step=0") == 0
+    err = capsys.readouterr().err
+    assert f"[warning] {ckpt / 'step4'} is damaged: {damaged}: sha256 differs" in err
+    assert f"falling back to {ckpt / 'step2'}" in err and f"resumed from {ckpt / 'step2'}: step 2" in err
+    # the fallback resumed exactly: steps 3 and 4 again give the losses they gave before
+    again = _losses(run_dir)[4:]
+    assert [s for s, _ in again] == [3, 4, 5, 6]
+    assert again[0][1] == first[3] and again[1][1] == first[4]
+    # step 4 was saved anew (the damaged copy replaced), and every checkpoint left verifies
+    assert (ckpt / "latest_complete").read_text() == "step6"
+    assert checkpoint.complete_steps(ckpt) == [4, 6]
+    for tag in ("step4", "step6"):
+        assert checkpoint.verify(ckpt, tag, checkpoint.read_marker(ckpt, tag)) == []
+
+
+def test_damaged_checkpoint_with_none_to_fall_back_to_stops_and_export_refuses_it(tmp_path, tiny_recipe, one_rank,
+                                                                                  monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    recipe = tiny_recipe(tmp_path / "r.toml", run_dir, dropout=False, zero={"stage": 0},
+                         train={"max_steps": 4, "stop_at_step": 2}, checkpoint={"every": 1, "keep_last": 1})
+    assert _run(monkeypatch, recipe) == 0
+    ckpt = run_dir / "checkpoints"
+    assert checkpoint.complete_steps(ckpt) == [2]  # keep_last 1: step 1 went when step 2 was complete
+    truncated = ckpt / "step2" / "mp_rank_00_model_states.pt"
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    before = {p.name: p.stat().st_mtime_ns for p in (ckpt / "step2").iterdir()}
+
+    capsys.readouterr()
+    assert _cli(monkeypatch, recipe, "train.stop_at_step=0") == 2
+    err = capsys.readouterr().err
+    assert f"{ckpt / 'step2'} is damaged: {truncated}: 1,000 bytes" in err and "No older complete checkpoint" in err
+    # nothing was changed: the user can put the file back and run again
+    assert {p.name: p.stat().st_mtime_ns for p in (ckpt / "step2").iterdir()} == before
+    assert (ckpt / "latest_complete").read_text() == "step2" and not read_metrics(run_dir)[2:]
+
+    with pytest.raises(ExportError, match=f"step2 is damaged, not exported: {truncated}: 1,000 bytes"):
+        export(run_dir, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.partial").exists()
+
+
+def test_checkpoint_saved_without_checksums_loads_with_a_note(tmp_path, tiny_recipe, one_rank, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    recipe = tiny_recipe(tmp_path / "r.toml", run_dir, dropout=False, train={"max_steps": 3, "stop_at_step": 2})
+    assert _run(monkeypatch, recipe) == 0
+    path = run_dir / "checkpoints" / "step2" / MARKER
+    old = {k: v for k, v in json.loads(path.read_text()).items()
+           if k not in ("checksum", "files", "zero_stage", "precision", "data_files")}
+    path.write_text(json.dumps(old))
+    capsys.readouterr()
+    assert _run(monkeypatch, recipe, "train.stop_at_step=0") == 0
+    err = capsys.readouterr().err
+    assert "records no checksums (saved by an older version): loading it unverified" in err
+    assert "resumed from" in err and [s for s, _ in _losses(run_dir)] == [1, 2, 3]
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_complete(tmp_path, tiny_recipe, one_rank, monkeypatch, capsys):
+    """keep_last 1: the older checkpoint goes only once the newer one is complete."""
+    run_dir = tmp_path / "run"
+    recipe = tiny_recipe(tmp_path / "r.toml", run_dir, dropout=False, train={"max_steps": 4, "stop_at_step": 2},
+                         checkpoint={"every": 1000, "keep_last": 1})
+    assert _run(monkeypatch, recipe) == 0
+    ckpt = run_dir / "checkpoints"
+
+    def disk_full():
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:  # DeepSpeed has written step 4's files when the RNG file cannot be
+        m.setattr(checkpoint, "rng_state", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            _run(monkeypatch, recipe, "train.stop_at_step=0")
+    assert (ckpt / "step4").is_dir() and not (ckpt / "step4" / MARKER).exists()
+    assert checkpoint.complete_steps(ckpt) == [2] and (ckpt / "latest_complete").read_text() == "step2"
+
+    capsys.readouterr()
+    assert _run(monkeypatch, recipe, "train.stop_at_step=0") == 0
+    assert f"resumed from {ckpt / 'step2'}: step 2" in capsys.readouterr().err
+    assert checkpoint.complete_steps(ckpt) == [4] and not (ckpt / "step2").exists()
+    # a run resumed at its last step saves nothing again (the checkpoint never becomes incomplete)
+    stamp = (ckpt / "step4" / MARKER).stat().st_mtime_ns
+    assert _run(monkeypatch, recipe) == 0
+    assert "already holds step 4" in capsys.readouterr().err
+    assert (ckpt / "step4" / MARKER).stat().st_mtime_ns == stamp
+
+
+# -- B: data changed between a stop and its resume -----------------------------------------------------------
+
+def test_changed_files_compares_size_mtime_then_checksum(tiny_shards, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)  # mtimes kept
+    rec = PackedDataset(shards).data_files()
+    bin_, idx = str(shards / "shard-00000.bin"), str(shards / "shard-00000.idx")
+    assert sorted(rec) == [bin_, idx] and changed_files(rec, PackedDataset(shards).data_files()) == []
+
+    os.utime(bin_, ns=(rec[bin_]["mtime_ns"] + 10**9,) * 2)  # touched, same bytes: hashed, accepted
+    assert changed_files(rec, PackedDataset(shards).data_files()) == []
+    _flip_byte(Path(bin_))  # same size, new bytes
+    assert changed_files(rec, PackedDataset(shards).data_files()) == [
+        f"{bin_}: content replaced since the checkpoint was saved (same size, sha256 differs)"]
+
+    now = dict(rec)
+    now[idx] = dict(rec[idx], size=rec[idx]["size"] + 8)
+    assert changed_files(rec, now) == [f"{idx}: {rec[idx]['size'] + 8:,} bytes, {rec[idx]['size']:,} when the "
+                                       "checkpoint was saved"]
+    now = {bin_: rec[bin_], idx: dict(rec[idx], sha256="0" * 64), str(shards / "shard-00001.bin"): rec[bin_]}
+    assert changed_files(rec, now) == [
+        f"{idx}: manifest.json gives another sha256 than when the checkpoint was saved (the folder was prepared "
+        "again)", f"{shards / 'shard-00001.bin'}: new, not part of the data the checkpoint was trained on"]
+    os.unlink(idx)
+    assert changed_files(rec, {bin_: rec[bin_]}) == [f"{idx}: removed"]
+
+
+@pytest.mark.parametrize("change", ["same size, new bytes", "rewritten shorter", "grown", "deleted"])
+def test_resume_on_changed_data_is_refused(tmp_path, tiny_recipe, tiny_shards, one_rank, monkeypatch, capsys, change):
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    run_dir = tmp_path / "run"
+    recipe = tiny_recipe(tmp_path / "r.toml", run_dir, dropout=False, data={"shards": [str(shards)]},
+                         train={"max_steps": 3, "stop_at_step": 2})
+    assert _run(monkeypatch, recipe) == 0
+    shard = shards / "shard-00000.bin"
+    if change == "same size, new bytes":
+        _flip_byte(shard)
+        expect = f"{shard}: content replaced since the checkpoint was saved"
+    elif change == "rewritten shorter":  # a consistent shard (same samples, one token less) in its place
+        old = Shard.open(shards / "shard-00000")
+        lengths = np.array(old.lengths)
+        lengths[-1] -= 1
+        size = shard.stat().st_size
+        write_shard(shards / "shard-00000", np.array(old.tokens[:-1]), lengths, np.array(old.doc_index),
+                    old.tokens.dtype)
+        expect = f"{shard}: {size - 2:,} bytes, {size:,} when the checkpoint was saved"
+    elif change == "grown":  # bytes appended, the index left as it was
+        with open(shard, "ab") as f:
+            f.write(b"\0\0")
+        expect = f"{shard}: {shard.stat().st_size} bytes, the index promises"
+    else:
+        shard.unlink()
+        expect = f"{shard}: missing"
+    capsys.readouterr()
+    assert _cli(monkeypatch, recipe, "train.stop_at_step=0") == 2
+    err = capsys.readouterr().err
+    assert expect in err, err[-2000:]
+    assert [s for s, _ in _losses(run_dir)] == [1, 2]  # not one step on other data
+
+
+def test_resume_on_the_same_data_goes_on(tmp_path, tiny_recipe, tiny_shards, one_rank, monkeypatch, capsys):
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    run_dir = tmp_path / "run"
+    recipe = tiny_recipe(tmp_path / "r.toml", run_dir, dropout=False, data={"shards": [str(shards)]},
+                         train={"max_steps": 3, "stop_at_step": 2})
+    assert _run(monkeypatch, recipe) == 0
+    recorded = json.loads((run_dir / "checkpoints" / "step2" / MARKER).read_text())["data_files"]
+    assert sorted(recorded) == [str(shards / "shard-00000.bin"), str(shards / "shard-00000.idx")]
+    for path in recorded:  # copied back or touched: new mtimes, same bytes
+        os.utime(path)
+    assert _run(monkeypatch, recipe, "train.stop_at_step=0") == 0
+    assert [s for s, _ in _losses(run_dir)] == [1, 2, 3]
+
+
+# -- C: a checkpoint whose pickle would run code -------------------------------------------------------------
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path, tiny_recipe, one_rank, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    recipe = tiny_recipe(tmp_path / "r.toml", run_dir, dropout=False, zero={"stage": 0},
+                         train={"max_steps": 3, "stop_at_step": 2})
+    assert _run(monkeypatch, recipe) == 0
+    ckpt = run_dir / "checkpoints"
+    ran = tmp_path / "code-ran"
+    # someone hands over a checkpoint: DeepSpeed's model file with one more entry, checksums made to match
+    hostile = ckpt / "step2" / "mp_rank_00_model_states.pt"
+    state = torch.load(hostile, weights_only=False)
+    state["note"] = Payload(ran)
+    torch.save(state, hostile)
+    marker = json.loads((ckpt / "step2" / MARKER).read_text())
+    marker["files"] = checkpoint.checksum_files(ckpt / "step2")
+    (ckpt / "step2" / MARKER).write_text(json.dumps(marker))
+    torch.load(hostile, weights_only=False)  # what loading it the old way did: the payload runs
+    assert ran.exists()
+    ran.unlink()
+
+    capsys.readouterr()
+    assert _cli(monkeypatch, recipe, "train.stop_at_step=0") == 2
+    err = capsys.readouterr().err
+    assert f"{hostile}: refused to load: its pickle asks for io.open" in err, err[-2000:]
+    with pytest.raises(ExportError, match="refused to load: its pickle asks for io.open"):
+        export(run_dir, tmp_path / "hf")
+    rng = ckpt / "step2" / "rng_rank0.pt"
+    torch.save({"torch": torch.get_rng_state(), "extra": Payload(ran)}, rng)
+    with pytest.raises(CheckpointError, match=f"{rng}: refused to load"):
+        checkpoint.load_file(rng)
+    assert not ran.exists()  # the payload never ran
+
+
+# -- D: another ZeRO stage at resume -------------------------------------------------------------------------
+
+def test_resume_with_another_zero_stage(tmp_path, tiny_recipe, one_rank, monkeypatch, capsys):
+    """ZeRO-1 -> 0 with bf16 died inside DeepSpeed (TypeError in unfused_optimizer.load_state_dict): refused
+    with what was saved and what to do. ZeRO-1 -> 2 shares DeepSpeed's optimizer layout: allowed, exact."""
+    run_dir, whole = tmp_path / "run", tmp_path / "whole"
+    recipe = tiny_recipe(tmp_path / "r.toml", run_dir, dropout=False, zero={"stage": 1},
+                         train={"max_steps": 3, "stop_at_step": 2, "precision": "bf16"})
+    assert _run(monkeypatch, recipe) == 0
+    capsys.readouterr()
+    assert _cli(monkeypatch, recipe, "train.stop_at_step=0", "zero.stage=0") == 2
+    err = capsys.readouterr().err
+    assert (f"{run_dir / 'checkpoints' / 'step2'} was saved with ZeRO-1 and bf16; this recipe asks for ZeRO-0 and "
+            "bf16") in err and f"dupmae export {run_dir} OUT_DIR" in err
+    with pytest.raises(ConfigError, match="was saved with ZeRO-1 and bf16; this recipe asks for ZeRO-1 and fp32"):
+        _run(monkeypatch, recipe, "train.stop_at_step=0", "train.precision=fp32")
+    # a marker from before the stage was recorded: the files tell ZeRO 1 or 2
+    path = run_dir / "checkpoints" / "step2" / MARKER
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items()
+                                if k not in ("zero_stage", "precision")}))
+    with pytest.raises(ConfigError, match="was saved with ZeRO-1 or 2 and bf16; this recipe asks for ZeRO-3"):
+        _run(monkeypatch, recipe, "train.stop_at_step=0", "zero.stage=3")
+
+    assert _run(monkeypatch, recipe, "train.stop_at_step=0", "zero.stage=2") == 0
+    assert _run(monkeypatch, recipe, "train.stop_at_step=0", f"train.run_dir={whole}") == 0
+    assert _losses(run_dir) == _losses(whole)
