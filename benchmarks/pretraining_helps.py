@@ -47,6 +47,9 @@ SCIFACT, CRANFIELD = SHARED / "scifact", SHARED / "cranfield"
 BIN = Path(sys.executable).parent
 RESULTS = REPO / "benchmarks" / "results"
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_finetune import sh  # noqa: E402  (run a command into a log, its tail and exit on failure)
+
 # Why these sizes (CPU): 2 cores and about 2.5 hours for the from-scratch part. A 4-layer, 256-wide BERT with an
 # 8,192-piece vocabulary learned on the pre-training text spends most of its time in the layers rather than in
 # vocabulary projections (a 30,522-piece vocabulary would triple the head's cost); L = 128 everywhere keeps
@@ -76,16 +79,6 @@ LABELS = {"random": "random init", "mlm": "MLM (BERT)", "retromae": "RetroMAE", 
 
 def log(msg: str) -> None:
     print(f"[helps {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def sh(cmd: list, log_path: Path, env: dict | None = None) -> None:
-    log("+ " + " ".join(map(str, cmd)))
-    with open(log_path, "a") as f:
-        proc = subprocess.run([str(c) for c in cmd], cwd=REPO, env=env or os.environ.copy(), stdout=f,
-                              stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        print(Path(log_path).read_text()[-4000:], file=sys.stderr)
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(map(str, cmd))}; log {log_path}")
 
 
 def launch(args: list, ranks: int, log_path: Path) -> None:
