@@ -1,7 +1,8 @@
 """Exact search over an encoded corpus, and the on-disk embedding cache.
 
 Modes (paper section 3.4):
-    dense    dense_q . dense_d                                   faiss IndexFlatIP (exact inner product)
+    dense    dense_q . dense_d                                   faiss IndexFlatIP (exact inner product);
+                                                                 blocks of numpy products without faiss
     bow      sum over d's kept ids i of mu_q[i] * mu_d[i]        sparse matrix products (scipy)
     hybrid   dense + bow_weight * bow                            both, over every document, exactly
 
@@ -50,8 +51,11 @@ def search(queries: Encoded, corpus: Encoded, mode: str, k: int = 100, bow_weigh
             raise ValueError(f"search mode {mode!r}: the {what} were encoded without their dense part "
                              f"(modes={tuple(e.meta.get('modes', ('bow',)))}): encode with modes including 'dense'")
     if mode == "dense":
-        import faiss
-
+        try:
+            import faiss
+        except ImportError:  # the `eval` extra is not installed: the same exact search, block by block
+            faiss = None
+    if mode == "dense" and faiss is not None:
         index = faiss.IndexFlatIP(corpus.dense.shape[1])
         index.add(np.ascontiguousarray(corpus.dense, dtype=np.float32))
         scores, idx = index.search(np.ascontiguousarray(queries.dense, dtype=np.float32), min(k, len(corpus)))
@@ -59,12 +63,16 @@ def search(queries: Encoded, corpus: Encoded, mode: str, k: int = 100, bow_weigh
         order = np.lexsort((idx, -scores), axis=1)
         return np.take_along_axis(scores, order, axis=1), np.take_along_axis(idx, order, axis=1)
 
-    docs_t = corpus.bow_matrix().T.tocsr()  # vocab x docs
-    q_bow = queries.bow_matrix()
+    if mode != "dense":
+        docs_t = corpus.bow_matrix().T.tocsr()  # vocab x docs
+        q_bow = queries.bow_matrix()
     all_scores, all_idx = [], []
     for q0 in range(0, len(queries), block):
         q1 = min(q0 + block, len(queries))
-        s = np.asarray((q_bow[q0:q1] @ docs_t).todense(), dtype=np.float32)
+        if mode == "dense":
+            s = np.asarray(queries.dense[q0:q1], dtype=np.float32) @ np.asarray(corpus.dense, dtype=np.float32).T
+        else:
+            s = np.asarray((q_bow[q0:q1] @ docs_t).todense(), dtype=np.float32)
         if mode == "hybrid":
             s = queries.dense[q0:q1] @ corpus.dense.T + bow_weight * s
         sc, ix = _top_k(s, k)

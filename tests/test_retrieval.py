@@ -129,6 +129,28 @@ def test_search_is_exact(mode, full_queries):
     assert all_idx.shape == (37, 300) and all(len(set(r)) == 300 for r in all_idx)
 
 
+def test_dense_search_without_faiss_is_the_same_search(monkeypatch):
+    """faiss comes with the `eval` extra; without it dense search runs as numpy blocks, with the same results."""
+    import builtins
+
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(3)
+    docs, queries = random_encoded(rng, 300), random_encoded(rng, 37)
+    docs.dense[5] = docs.dense[9]  # a tie, broken by corpus order in both paths
+    with_faiss = search(queries, docs, "dense", k=20)
+    real_import = builtins.__import__
+
+    def no_faiss(name, *args, **kwargs):
+        if name == "faiss":
+            raise ImportError("No module named 'faiss'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_faiss)
+    without = search(queries, docs, "dense", k=20, block=8)
+    np.testing.assert_array_equal(without[1], with_faiss[1])
+    np.testing.assert_allclose(without[0], with_faiss[0], rtol=1e-5, atol=1e-5)
+
+
 def test_search_breaks_ties_by_corpus_order():
     e = Encoded(np.ones((5, 4), np.float32), np.zeros((5, 1), np.int32), np.ones((5, 1), np.float32), 10)
     q = Encoded(np.ones((2, 4), np.float32), np.zeros((2, 1), np.int32), np.ones((2, 1), np.float32), 10)
