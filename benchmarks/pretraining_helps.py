@@ -423,7 +423,8 @@ def report(args, work: Path, p: dict) -> None:
         qids = sorted(g["pq"][0])
         return qids, np.mean([[pq[q]["ndcg@10"] for q in qids] for pq in g["pq"]], axis=0)
 
-    lines = [f"Preset {args.preset}, commit {commit}, {machine}, {dt.date.today().isoformat()}. NDCG@10 / Recall@100: "
+    ran_on = "; ".join(sorted({r.get("machine", machine) for r in recs}))
+    lines = [f"Preset {args.preset}, commit {commit}, fine-tuned and evaluated on {ran_on}, {dt.date.today().isoformat()}. NDCG@10 / Recall@100: "
              "mean ± standard deviation over fine-tuning seeds (n); p: sign-flip permutation test over queries on "
              "the seed-averaged per-query NDCG@10, against the row above (the next starting point in the "
              "expected ordering).", ""]
