@@ -368,7 +368,7 @@ def ft_eval(stages: Stages, p: dict, work: Path, start: str, encoder, mode: str,
     results = json.loads(out.read_text())
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the export is what is kept
     stages.mark(name, {"start": start, "mode": mode, "seed": seed, "steps": steps, "train_s": train_s,
-                       "machine": machine_name(), "results": results})
+                       "machine": machine_name(), "commit": _commit(), "results": results})
     shutil.rmtree(export, ignore_errors=True)
 
 
@@ -385,6 +385,11 @@ def paired_permutation_p(a, b, n: int = 20000, seed: int = 0) -> float:
     return float(((np.abs((signs * d).mean(1)) >= observed - 1e-15).sum() + 1) / (n + 1))
 
 
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                          text=True).stdout.strip()
+
+
 def report(args, work: Path, p: dict) -> None:
     import numpy as np
 
@@ -393,8 +398,7 @@ def report(args, work: Path, p: dict) -> None:
     if not recs:
         log("no fine-tuning results yet")
         return
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
+    commit = _commit()
     machine = machine_name()
     RESULTS.mkdir(parents=True, exist_ok=True)
     csv_path = RESULTS / f"pretraining_helps{'' if args.preset == 'cpu' else '_' + args.preset}.csv"
@@ -405,7 +409,7 @@ def report(args, work: Path, p: dict) -> None:
         for r in recs:
             for coll, res in r["results"].items():
                 for mode, row in res["rows"].items():
-                    w.writerow([dt.date.today().isoformat(), r.get("machine", machine), commit, args.preset, r["start"], r["mode"],
+                    w.writerow([dt.date.today().isoformat(), r.get("machine", machine), r.get("commit", commit), args.preset, r["start"], r["mode"],
                                 r["seed"], coll, mode, f"{row['ndcg@10']:.4f}", f"{row['recall@100']:.4f}",
                                 f"{row['mrr@10']:.4f}", r["steps"], f"{r['train_s']:.0f}"])
 
@@ -424,6 +428,7 @@ def report(args, work: Path, p: dict) -> None:
         return qids, np.mean([[pq[q]["ndcg@10"] for q in qids] for pq in g["pq"]], axis=0)
 
     ran_on = "; ".join(sorted({r.get("machine", machine) for r in recs}))
+    commit = ", ".join(sorted({r.get("commit", commit) for r in recs}))
     lines = [f"Preset {args.preset}, commit {commit}, fine-tuned and evaluated on {ran_on}, {dt.date.today().isoformat()}. NDCG@10 / Recall@100: "
              "mean ± standard deviation over fine-tuning seeds (n); p: sign-flip permutation test over queries on "
              "the seed-averaged per-query NDCG@10, against the row above (the next starting point in the "
