@@ -3,6 +3,7 @@ matrix built entry by entry), and cross-rank negatives: 2 ranks x b equal 1 proc
 every gradient."""
 from __future__ import annotations
 
+import math
 import os
 import socket
 
@@ -166,7 +167,7 @@ def _rank_worker(rank: int, world: int, port: int, settings: dict, out: dict) ->
             g = p.grad.clone()
             dist.all_reduce(g)
             grads[name] = g / world
-        parts = torch.tensor([o.parts["loss"]], dtype=torch.float64)
+        parts = torch.tensor([float(o.parts["loss"])], dtype=torch.float64)
         dist.all_reduce(parts)
         if rank == 0:
             out["grads"] = grads
@@ -190,7 +191,7 @@ def test_two_ranks_equal_one_process_on_the_whole_batch(settings):
         mp.spawn(_rank_worker, args=(2, _free_port(), settings, out), nprocs=2, join=True)
         grads, loss = dict(out["grads"]), out["loss"]
     # the trainer logs sum over ranks of the parts / (ranks x accumulation steps): here / 2
-    assert loss / 2 == pytest.approx(whole.parts["loss"], rel=1e-10)
+    assert loss / 2 == pytest.approx(float(whole.parts["loss"]), rel=1e-10)
     assert any(g is not None for g in grads.values())
     for name, p in model.named_parameters():
         if p.grad is None:
@@ -212,7 +213,7 @@ def test_without_cross_rank_negatives_the_ranks_differ_from_one_process():
         out = manager.dict()
         mp.spawn(_rank_worker, args=(2, _free_port(), settings, out), nprocs=2, join=True)
         loss = out["loss"]
-    assert abs(loss / 2 - whole.parts["loss"]) > 1e-3
+    assert abs(loss / 2 - float(whole.parts["loss"])) > 1e-3
 
 
 def test_bow_weight_calibration_equalizes_the_spreads():
@@ -229,3 +230,19 @@ def test_bow_weight_calibration_equalizes_the_spreads():
 
         ratio = float((w * (q.mu @ scatter_top_k(p.mu, 9).t())).std() / (q.dense @ p.dense.t()).std())
     assert ratio == pytest.approx(1.0, rel=5e-3)  # 3 significant digits
+
+
+@pytest.mark.parametrize("settings", [dict(mode="hybrid", self_distill=True, bow_top_k=9), dict(mode="dense")])
+def test_loss_parts_stay_on_the_device_until_the_trainer_reads_them(settings):
+    """The parts are detached 0-d tensors, not Python floats: reading a float would synchronize the host with
+    the device between every forward and its backward (measured on a GPU for pre-training: +46% tokens/s once
+    the parts were read after the step's last backward). Their values are the loss and its terms."""
+    model = tiny_model(RetrieverConfig(encoder="x", kernels="reference", **({"bow_weight": 1.0} | settings)))
+    out = model(batch(4, 3))
+    assert out.parts, "no parts"
+    for name, v in out.parts.items():
+        assert torch.is_tensor(v) and v.dim() == 0 and not v.requires_grad, name
+        assert math.isfinite(float(v)), name
+    assert float(out.parts["loss"]) == pytest.approx(float(out.loss), rel=1e-12)
+    if settings["mode"] == "hybrid":
+        assert 0.0 <= float(out.parts["bow_shared"]) <= 1.0

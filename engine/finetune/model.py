@@ -159,7 +159,7 @@ class FinetuneOutput(NamedTuple):
     """A NamedTuple so that DeepSpeed's ZeRO-3 hooks see the loss (see engine/representation.Represented)."""
 
     loss: torch.Tensor
-    parts: dict[str, float]
+    parts: dict[str, torch.Tensor]  # detached 0-d tensors: read them with float() when needed
 
 
 def gather_keep_local(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -272,19 +272,21 @@ class RetrieverTraining(nn.Module):
             loss = loss + cfg.bow_flops_weight * terms["bow_flops"]
         denom = max(float((denominators or {"queries": n_q / world})["queries"]), 1e-12)
         loss = loss / denom
-        # every rank computed the loss of the global micro batch: each reports its 1/world share of it
-        parts = {"loss": loss.item() / world} | {k: v.item() / denom / world for k, v in terms.items()}
+        # every rank computed the loss of the global micro batch: each reports its 1/world share of it. The
+        # parts stay tensors (detached): the trainer reads them once after the step's last backward is queued,
+        # so no host synchronization sits between this forward and its backward
+        parts = {"loss": loss.detach() / world} | {k: v.detach() / denom / world for k, v in terms.items()}
         if p_mu is not None:
             parts |= self._bow_stats(p_mu, s)
         return FinetuneOutput(loss, parts)
 
     @torch.no_grad()
-    def _bow_stats(self, p_mu: torch.Tensor, s: dict) -> dict[str, float]:
+    def _bow_stats(self, p_mu: torch.Tensor, s: dict) -> dict[str, torch.Tensor]:
         """bow_shared: the share of a document's kept ids that at least `shared_id_threshold` of the batch's
         documents also keep (the max-pool collapse: 1.0 when every document keeps the same ids);
         bow_to_dense: the spread of BoW scores over that of dense scores (how much of the hybrid is BoW)."""
         kept = p_mu != 0
         shared = kept.float().mean(0) >= self.cfg.shared_id_threshold
-        share = float(((kept & shared).sum(1).float() / kept.sum(1).clamp(min=1)).mean())
-        ratio = float(s["bow"].std() / s["dense"].std().clamp(min=1e-12)) if "dense" in s else 0.0
-        return {"bow_shared": share, "bow_to_dense": ratio}
+        share = ((kept & shared).sum(1).float() / kept.sum(1).clamp(min=1)).mean()
+        ratio = (s["bow"].std() / s["dense"].std().clamp(min=1e-12)) if "dense" in s else share.new_zeros(())
+        return {"bow_shared": share, "bow_to_dense": ratio.detach()}
