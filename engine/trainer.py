@@ -22,7 +22,10 @@ Run directory (train.run_dir):
     checkpoints/         see checkpoint.py; `latest_complete` names the newest complete one
 
 Exit codes: 0 done; 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (run the same command again
-to resume; batch scripts requeue on it); 3 too many non-finite losses; 2 configuration or data errors.
+to resume; batch scripts requeue on it); 74 (sysexits' EX_IOERR) the disk or quota was full while writing a
+checkpoint (on any rank; every rank stops with it, the message names the file and the free space; the older
+checkpoint is the resume point: free space, then run the same command again; not requeued, since a requeued job
+would find the disk as full); 3 too many non-finite losses; 2 configuration or data errors.
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ from .metrics import TensorBoard, cpu_bf16_native, device_peak_flops, format_dur
 
 EXIT_OK = 0
 EXIT_BAD_LOSS = 3
+EXIT_DISK_FULL = 74
 EXIT_PREEMPTED = 75
 
 
@@ -559,4 +563,4 @@ def run(cfg, task=None) -> int:
         trainer.close()
 
 
-__all__ = ["Trainer", "run", "deepspeed_config", "EXIT_OK", "EXIT_PREEMPTED", "EXIT_BAD_LOSS"]
+__all__ = ["Trainer", "run", "deepspeed_config", "EXIT_OK", "EXIT_PREEMPTED", "EXIT_BAD_LOSS", "EXIT_DISK_FULL"]

@@ -1,6 +1,6 @@
 """Real runs through the real launchers (`deepspeed`, `torchrun`, or none), 2 gloo ranks on this machine:
 the same updates whatever the ZeRO stage and the split of the global batch, bit-exact resume, SIGTERM,
-a rank killed mid-run, and what a run leaves in its run directory.
+a rank killed mid-run, a disk that fills during a save, and what a run leaves in its run directory.
 
 Runs are compared through RUN_DIR/metrics.jsonl. Every run uses the tiny 2-layer, 32-wide BERT of
 `tiny_recipe` on `tiny_shards`, fp32, 4 samples per rank and micro step (8 in one process). Runs that
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from test_checkpoint_faults import small_disk  # noqa: F401  (a fixture)
 
 from dupmae.engine.config import load_config
 
@@ -339,6 +340,38 @@ def test_dead_rank_ends_the_job_and_the_checkpoint_survives(lab):
     assert again.rc == 0, again.log[-4000:]
     assert f"resumed from {ckpt / tag}: step {last}" in again.log
     assert_identical(again.steps, ref.steps, from_step=last + 1)
+
+
+@pytest.mark.timeout(300)
+def test_disk_full_during_a_save_ends_every_rank_74(lab, small_disk):
+    """The run directory on a 24 MB tmpfs (one checkpoint of this run is 16.6 MB), keep_last 1: step 8's save
+    fills the disk on whichever rank writes last. No rank waits for the other: both print the disk-full
+    message and exit 74, and so does the deepspeed launcher; step 4 stays the resume point. After the disk
+    grows, the same command resumes from step 4 and ends bit-identical to the uninterrupted run."""
+    ref = lab.reference(2, "deepspeed")
+    disk = small_disk("24m")
+    run_dir = disk.path / "run"
+    recipe = lab.tiny_recipe(lab.root / "disk-full.toml", run_dir, dropout=True,
+                             **resumable(checkpoint={"keep_last": 1}, train={"dist_timeout_s": 120}))
+    full = Job("deepspeed", recipe, run_dir, name="full").wait()
+    assert full.rc == 74, full.log[-4000:]
+    assert "exits with return code = 74" in full.log
+    ckpt = run_dir / "checkpoints"
+    lines = [line for line in full.log.splitlines() if "dupmae pretrain: error: disk full" in line]
+    assert len(lines) == 2, full.log[-4000:]  # one per rank: neither was left waiting in a collective
+    assert all(f"checkpoint {ckpt / 'step8'} could not be written: rank " in line and
+               "[Errno 28] No space left on device" in line and
+               f"{ckpt / 'latest_complete'} still names step4" in line for line in lines), lines
+    assert "Timed out" not in full.log and "Traceback" not in full.log
+    assert max(full.steps) == 8
+    assert (ckpt / "latest_complete").read_text() == "step4"
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step4"]
+
+    disk.resize("64m")
+    again = Job("deepspeed", recipe, run_dir, name="resumed").wait()
+    assert again.rc == 0, again.log[-4000:]
+    assert f"resumed from {ckpt / 'step4'}: step 4" in again.log
+    assert_identical(again.steps, ref.steps, from_step=5)
 
 
 # -- what a run leaves behind ----------------------------------------------------------------------------
