@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     from dupmae.engine.config import ConfigError
     from dupmae.engine.evaluate import EvalError
     from dupmae.engine.export import ExportError
+    from dupmae.engine.trainer import EXIT_RANK_LOST, RankLostError
 
     try:
         return int(args.func(args) or 0)
@@ -199,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
             EvalError, CheckpointError) as e:
         print(f"dupmae {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RankLostError as e:
+        print(f"dupmae {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_RANK_LOST
     except DiskFullError as e:
         print(f"dupmae {args.command}: error: {e}", file=sys.stderr)
         return EXIT_DISK_FULL
