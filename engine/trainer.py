@@ -546,8 +546,11 @@ class Trainer:
                       "grad_norm": gnorm, "step_s": dt_step, "data_wait_s": wait, "tokens": int(glob["tokens"]),
                       "samples": int(glob["samples"]), "consumed_samples": self.sampler.consumed_samples}
             if metrics:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+                try:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                except OSError as e:  # a full disk: name the file (a failed write names none); exit 74 in the CLI
+                    raise OSError(e.errno, e.strerror, metrics.name) from e
             if self.step % cfg.logging.every == 0 or self.step == cfg.train.max_steps:
                 self._report(record, window, peak, start_step, t_start)
                 window = {k: 0.0 for k in window} | {"steps": 0}
