@@ -15,6 +15,14 @@ A save killed halfway leaves a tag folder without the marker; the pointer still 
 complete checkpoint, and the broken folder is removed at the next successful save. Retention runs only after
 the new marker and pointer are on disk, so it never removes an older checkpoint before the newer is complete.
 
+A full disk (ENOSPC) or quota (EDQUOT) during a save, on any rank: that rank keeps the error, removes the file
+it was writing and skips the rest of its writes, but still goes through every collective of the save (DeepSpeed's
+included), so the ranks never wait on each other; at the next agreement point every rank learns which rank
+failed on which file, rank 0 removes the incomplete tag folder, and all ranks raise `DiskFullError` (exit 74,
+`dupmae pretrain`) naming the file and the free space. The pointer and the older checkpoints are untouched.
+Checkpoint files are written through Python's `open()` during a save: torch's own writer reports a full disk as
+"unexpected pos" without the cause.
+
 Checksums: sha256 (hashlib, SHA-NI where the CPU has it: about 1.3 GB/s on one core of the EPYC here, so
 about 1 s for a BERT-base checkpoint of 1.3 GB, split over the ranks when saving and when verifying).
 Checkpoints saved before checksums were recorded load unverified, with a note.
@@ -28,6 +36,7 @@ DeepSpeed's optimizer state hold (`SAFE_GLOBALS`); a pickle asking for anything 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -53,6 +62,45 @@ _ANY = re.compile(r"^step(\d+)(_universal)?$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be trusted or read: names the file and what is wrong."""
+
+
+class DiskFullError(RuntimeError):
+    """A checkpoint could not be written for lack of space (ENOSPC) or quota (EDQUOT): names the file, the
+    free space, and the complete checkpoint a rerun resumes from. Every rank raises it together."""
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_cause(e: BaseException) -> OSError | None:
+    """The ENOSPC / EDQUOT `OSError` behind `e` (itself, or its cause or context), or None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def free_space(path: str | Path) -> str:
+    """'N free of M' on the filesystem holding `path` (its nearest existing parent), or '' where it cannot tell."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return ""
+    return f"{_size(usage.free)} free of {_size(usage.total)}"
 
 
 def tag_for(step: int) -> str:
@@ -197,10 +245,16 @@ def set_rng_state(state: dict) -> None:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename is None:  # a failed write or flush names no file
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     os.replace(tmp, path)
 
 
@@ -282,9 +336,102 @@ def saved_setup(ckpt_dir: str | Path, tag: str, marker: dict) -> tuple[int | str
     return stage, precision
 
 
+class _DiskGuard:
+    """This rank's writes during one save: the first that fails for lack of space is kept (`error`, with the
+    file it was writing), and every later write of the save is skipped, so the rank still takes part in each
+    collective of the save. Any other error propagates as before."""
+
+    def __init__(self):
+        self.error: OSError | None = None
+
+    def call(self, fn, *args, **kwargs):
+        if self.error is not None:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - only a full disk is kept; anything else is raised again
+            cause = disk_full_cause(e)
+            if cause is None:
+                raise
+            self.error = cause
+            return None
+
+    @contextlib.contextmanager
+    def writes(self, engine):
+        """Within this block `torch.save` to a path (DeepSpeed's included) writes through Python's `open()`,
+        so a full disk is an `OSError` naming the file (torch's own writer reports it as "unexpected pos"),
+        removes the partial file, and is kept instead of raised; so is DeepSpeed's copy of its recovery script."""
+        original_save = torch.save
+        guard = self
+
+        def save(obj, f, *args, **kwargs):
+            if not isinstance(f, (str, os.PathLike)):
+                return guard.call(original_save, obj, f, *args, **kwargs)
+
+            def write():
+                try:
+                    with open(f, "wb") as fh:
+                        original_save(obj, fh, *args, **kwargs)
+                except Exception as e:
+                    cause = disk_full_cause(e)
+                    if cause is None:
+                        raise
+                    with contextlib.suppress(OSError):
+                        os.unlink(f)  # the partial file: never read, and its space is given back
+                    raise OSError(cause.errno, os.strerror(cause.errno), os.fspath(f)) from e
+
+            return guard.call(write)
+
+        copy_script = getattr(engine, "_copy_recovery_script", None)
+        torch.save = save
+        if copy_script is not None:
+            engine._copy_recovery_script = lambda *a, **k: guard.call(copy_script, *a, **k)
+        try:
+            yield
+        finally:
+            torch.save = original_save
+            if copy_script is not None:
+                del engine._copy_recovery_script
+
+
+def _stop_if_disk_full(guard: _DiskGuard, ckpt_dir: Path, tag: str) -> None:
+    """Collective, in place of a barrier: when any rank's write failed for lack of space, rank 0 removes the
+    incomplete folder and every rank raises `DiskFullError` naming the rank, the file and the free space."""
+    mine = None
+    if guard.error is not None:
+        e = guard.error
+        mine = f"{e.filename or ckpt_dir / tag}: [Errno {e.errno}] {e.strerror or os.strerror(e.errno)}"
+    failures = [(r, f) for r, f in enumerate(distributed.gather_objects(mine)) if f]
+    if not failures:
+        return
+    folder = ckpt_dir / tag
+    if distributed.rank() == 0:
+        (folder / MARKER).unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+    distributed.barrier()
+    where = "; ".join(f"rank {r}: {f}" if distributed.world_size() > 1 else f for r, f in failures)
+    free = free_space(ckpt_dir)
+    previous = complete_checkpoints(ckpt_dir)
+    if previous:
+        size = ""
+        with contextlib.suppress(CheckpointError, KeyError, TypeError, ValueError):
+            files = read_marker(ckpt_dir, previous[0]).get("files") or {}
+            if files:
+                size = f" (a checkpoint of this run takes {_size(sum(int(r['size']) for r in files.values()))})"
+        resume = (f"{ckpt_dir / POINTER} still names {previous[0]}, the last complete checkpoint{size}: free space "
+                  f"(or move train.run_dir to a larger disk), then run the same command again to resume from it")
+    else:
+        resume = ("no complete checkpoint exists yet: free space (or move train.run_dir to a larger disk), then run "
+                  "the same command again; it starts from step 0")
+    raise DiskFullError(f"disk full: checkpoint {folder} could not be written: {where}. {free or 'free space unknown'} "
+                        f"on the filesystem of {ckpt_dir} now (the incomplete {tag} removed). {resume}")
+
+
 def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last: int, keep_every: int,
          marker_extra: dict | None = None) -> str:
-    """Collective: every rank calls it. Returns the tag. `marker_extra`: more fields for the marker."""
+    """Collective: every rank calls it. Returns the tag. `marker_extra`: more fields for the marker.
+    A full disk or quota on any rank: `DiskFullError` on every rank, nothing of this save left, the pointer and
+    older checkpoints as they were."""
     from deepspeed.checkpoint.constants import (
         UNIVERSAL_CHECKPOINT_INFO,
         UNIVERSAL_CHECKPOINT_VERSION_KEY,
@@ -297,22 +444,28 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last:
     state = dict(client_state)
     state[UNIVERSAL_CHECKPOINT_INFO] = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
     folder = ckpt_dir / tag
-    if rank == 0 and folder.exists():
-        # an incomplete or damaged leftover, or an older save of this step: the marker goes first (the folder is
-        # no resume point from then on), then every file, so no stale file of it mixes with this save's
-        (folder / MARKER).unlink(missing_ok=True)
-        shutil.rmtree(folder)
-    distributed.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
-    torch.save(rng_state(), folder / f"rng_rank{rank}.pt")
-    distributed.barrier()
+    guard = _DiskGuard()
+    if rank == 0:
+        if folder.exists():
+            # an incomplete or damaged leftover, or an older save of this step: the marker goes first (the folder
+            # is no resume point from then on), then every file, so no stale file of it mixes with this save's
+            (folder / MARKER).unlink(missing_ok=True)
+            shutil.rmtree(folder)
+        guard.call(folder.mkdir, parents=True, exist_ok=True)
+    _stop_if_disk_full(guard, ckpt_dir, tag)
+    with guard.writes(engine):
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
+        torch.save(rng_state(), folder / f"rng_rank{rank}.pt")
+    _stop_if_disk_full(guard, ckpt_dir, tag)
     files = checksum_files(folder)
     if rank == 0:
         marker = {"tag": tag, "step": step, "world_size": engine.world_size, "time": time.time(),
                   **{k: client_state[k] for k in ("consumed_samples", "config_digest") if k in client_state},
                   **(marker_extra or {}), "checksum": CHECKSUM, "files": files}
-        _write_atomic(folder / MARKER, json.dumps(marker, indent=2))
-        _write_atomic(ckpt_dir / POINTER, tag)
+        guard.call(_write_atomic, folder / MARKER, json.dumps(marker, indent=2))
+        guard.call(_write_atomic, ckpt_dir / POINTER, tag)
+    _stop_if_disk_full(guard, ckpt_dir, tag)  # a marker without its pointer is removed with the folder
+    if rank == 0:
         prune(ckpt_dir, keep_last, keep_every, current=step)
     distributed.barrier()
     return tag

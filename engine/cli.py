@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_DISK_FULL = 74  # engine/trainer.py's: the disk or quota was full while writing (sysexits' EX_IOERR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from dupmae.data_pipeline.prepare import PrepareError
@@ -185,10 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     from dupmae.data_pipeline.shards import ShardError
     from dupmae.data_pipeline.tokenizer import TokenizerError
     from dupmae.cluster.launch import LaunchError
-    from dupmae.engine.checkpoint import CheckpointError
+    from dupmae.engine.checkpoint import CheckpointError, DiskFullError, disk_full_cause, free_space
     from dupmae.engine.config import ConfigError
     from dupmae.engine.evaluate import EvalError
     from dupmae.engine.export import ExportError
+    from dupmae.engine.trainer import EXIT_RANK_LOST, RankLostError
 
     try:
         return int(args.func(args) or 0)
@@ -196,6 +200,22 @@ def main(argv: list[str] | None = None) -> int:
             EvalError, CheckpointError) as e:
         print(f"dupmae {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RankLostError as e:
+        print(f"dupmae {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_RANK_LOST
+    except DiskFullError as e:
+        print(f"dupmae {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_DISK_FULL
+    except OSError as e:  # a full disk outside a checkpoint save (metrics.jsonl, the run's config): named, 74
+        cause = disk_full_cause(e)
+        if cause is None:
+            raise
+        where = cause.filename or "a file"
+        free = free_space(where) if cause.filename else ""
+        print(f"dupmae {args.command}: error: disk full: {where}: [Errno {cause.errno}] {cause.strerror}"
+              f"{f'; {free} on its filesystem' if free else ''}. Free space, then run the same command again",
+              file=sys.stderr)
+        return EXIT_DISK_FULL
     except KeyboardInterrupt:
         print(f"dupmae {args.command}: interrupted", file=sys.stderr)
         return 130

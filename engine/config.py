@@ -46,7 +46,7 @@ class TrainConfig:
     eval_every: int = 0  # steps; 0: no periodic evaluation
     eval_batches: int = 4  # micro batches per rank per evaluation
     max_bad_steps: int = 10  # non-finite losses skipped before the run stops
-    dist_timeout_s: int = 300  # a collective that waits longer ends the job (a dead rank)
+    dist_timeout_s: int = 300  # a collective (DeepSpeed's too) waiting longer ends the job: dead or hung rank
     deepspeed_config: str | None = None  # a user's DeepSpeed JSON, merged under the generated one
     activation_checkpointing: bool = False  # recompute the encoder's layers in backward (less memory, ~1/3 more compute)
     grad_cache_chunk: int = 0  # fine-tuning: gradient caching, texts encoded with a graph this many at a time (0: off)

@@ -22,7 +22,13 @@ Run directory (train.run_dir):
     checkpoints/         see checkpoint.py; `latest_complete` names the newest complete one
 
 Exit codes: 0 done; 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (run the same command again
-to resume; batch scripts requeue on it); 3 too many non-finite losses; 2 configuration or data errors.
+to resume; batch scripts requeue on it); 74 (sysexits' EX_IOERR) the disk or quota was full while writing a
+checkpoint (on any rank; every rank stops with it, the message names the file and the free space; the older
+checkpoint is the resume point: free space, then run the same command again; not requeued, since a requeued job
+would find the disk as full); 69 (sysexits' EX_UNAVAILABLE) another rank stopped answering: a collective got no
+answer within train.dist_timeout_s (a hung or stopped rank, a lost node) or its peer went away (a killed rank);
+the message names the rank(s), the step and what the ranks were doing; the last complete checkpoint is the
+resume point; 3 too many non-finite losses; 2 configuration or data errors.
 """
 from __future__ import annotations
 
@@ -42,11 +48,18 @@ from .metrics import TensorBoard, cpu_bf16_native, device_peak_flops, format_dur
 
 EXIT_OK = 0
 EXIT_BAD_LOSS = 3
+EXIT_RANK_LOST = 69
+EXIT_DISK_FULL = 74
 EXIT_PREEMPTED = 75
 
 
 class TrainingError(RuntimeError):
     pass
+
+
+class RankLostError(RuntimeError):
+    """Another rank stopped answering (a collective timed out, or its peer went away): names the rank(s), the
+    step and what the ranks were doing. Exit 69."""
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int, passes_per_micro: int = 1) -> dict:
@@ -213,6 +226,7 @@ class Trainer:
         self.bad_steps = 0
         self._loaded: tuple[str, int] | None = None  # (tag, step) of the checkpoint this run resumed from
         self._stop_signal: int | None = None
+        self._doing = "starting"  # what the ranks are doing, for the message when a rank stops answering
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
@@ -452,61 +466,106 @@ class Trainer:
                  f"run dir {self.run_dir}")
         self.engine.train()  # from_pretrained returns eval mode: without this, no dropout until the first eval
         try:
-            while self.step < last:
-                if distributed.all_reduce([1.0 if self._stop_signal else 0.0], op="max")[0]:
-                    self.log(f"[{name}] stop requested by signal at step {self.step}: saving")
-                    self.save()
-                    return EXIT_PREEMPTED
-                t0 = time.perf_counter()
-                micro, wait = [], 0.0
-                for _ in range(accum):
-                    tw = time.perf_counter()
-                    micro.append(next(batches))
-                    wait += time.perf_counter() - tw
-                glob = self._global_counts(micro)
-                parts, lr, gnorm, skipped = self._optimizer_step(micro, glob)
-                self.step += 1
-                self.sampler.consumed_samples += self.sampler.global_batch
-                if skipped:
-                    self.bad_steps += 1
-                    self.log(f"[{name}] step {self.step}: non-finite loss, step skipped "
-                             f"({self.bad_steps}/{cfg.train.max_bad_steps})")
-                    if self.bad_steps >= cfg.train.max_bad_steps:
-                        self.log(f"[{name}] {self.bad_steps} non-finite losses: stopping (lower optim.lr, "
-                                 "check the data with `dupmae inspect`, or raise train.max_bad_steps)")
-                        return EXIT_BAD_LOSS
-                    continue
-                reduced = distributed.all_reduce(list(parts.values()))
-                values = {k: v / (world * accum) for k, v in zip(parts, reduced)}
-                dt_step = time.perf_counter() - t0
-                window["time"] += dt_step
-                window["wait"] += wait
-                window["tokens"] += glob["tokens"]
-                window["samples"] += glob["samples"]
-                window["flops"] += glob["flops"]
-                window["steps"] += 1
-                record = {"step": self.step, **values, "lr": lr,
-                          "grad_norm": gnorm, "step_s": dt_step, "data_wait_s": wait, "tokens": int(glob["tokens"]),
-                          "samples": int(glob["samples"]), "consumed_samples": self.sampler.consumed_samples}
-                if metrics:
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                if self.step % cfg.logging.every == 0 or self.step == cfg.train.max_steps:
-                    self._report(record, window, peak, start_step, t_start)
-                    window = {k: 0.0 for k in window} | {"steps": 0}
-                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
-                    self.evaluate(metrics)
-                if self.step % cfg.checkpoint.every == 0 and self.step < last:
-                    self.save()
-            self.save()
-            what = "done" if self.step >= cfg.train.max_steps else f"stopped at train.stop_at_step {self.step}"
-            self.log(f"[{name}] {what}: {self.step - start_step} steps in "
-                     f"{format_duration(time.perf_counter() - t_start)}")
-            return EXIT_OK
+            return self._loop(last, batches, metrics, peak, window, start_step, t_start)
+        except RuntimeError as e:
+            if self.world == 1 or not distributed.is_peer_lost(e):
+                raise
+            raise self._rank_lost(e) from e
         finally:
             if metrics:
                 metrics.close()
             self.tb.close()
+
+    def _rank_lost(self, e: RuntimeError) -> RankLostError:
+        """The error for a collective that got no answer: which ranks stopped (asked at the job's store), when
+        and in what, and where the run resumes."""
+        who = distributed.unresponsive_ranks()
+        if who is None:
+            ranks = ("rank 0 (the job's store, which its process holds under the deepspeed launcher, does not answer "
+                     "either)")
+        elif who:
+            ranks = f"rank{'s' if len(who) > 1 else ''} {', '.join(map(str, who))}"
+        else:
+            ranks = "another rank (every rank answered again afterwards: it went away or recovered)"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        try:
+            latest = checkpoint.latest_complete(self.ckpt_dir)
+        except (checkpoint.CheckpointError, OSError):
+            latest = None
+        resume = (f"the last complete checkpoint is {self.ckpt_dir / latest[0]}, from which it resumes" if latest else
+                  "there is no complete checkpoint yet: it starts from step 0")
+        return RankLostError(
+            f"rank {self.rank}: {ranks} stopped answering: no answer within train.dist_timeout_s = "
+            f"{self.cfg.train.dist_timeout_s} s (or the peer went away) during {self._doing} ({first}). A hung or "
+            f"stopped process, or a lost node: this rank stops. End every process of the job, then run the same "
+            f"command again; {resume}")
+
+    def _loop(self, last, batches, metrics, peak, window, start_step, t_start) -> int:
+        cfg, name = self.cfg, self.task.name
+        accum, world = cfg.data.grad_accum, self.world
+        while self.step < last:
+            self._doing = f"the stop-signal check before step {self.step + 1}"
+            if distributed.all_reduce([1.0 if self._stop_signal else 0.0], op="max")[0]:
+                self._doing = f"the checkpoint save at step {self.step} (stop signal)"
+                self.log(f"[{name}] stop requested by signal at step {self.step}: saving")
+                self.save()
+                return EXIT_PREEMPTED
+            t0 = time.perf_counter()
+            micro, wait = [], 0.0
+            for _ in range(accum):
+                tw = time.perf_counter()
+                micro.append(next(batches))
+                wait += time.perf_counter() - tw
+            self._doing = f"the batch-count all-reduce of step {self.step + 1}"
+            glob = self._global_counts(micro)
+            self._doing = (f"forward, backward (ZeRO's gradient reduce) and optimizer step of step "
+                           f"{self.step + 1}")
+            parts, lr, gnorm, skipped = self._optimizer_step(micro, glob)
+            self.step += 1
+            self.sampler.consumed_samples += self.sampler.global_batch
+            if skipped:
+                self.bad_steps += 1
+                self.log(f"[{name}] step {self.step}: non-finite loss, step skipped "
+                         f"({self.bad_steps}/{cfg.train.max_bad_steps})")
+                if self.bad_steps >= cfg.train.max_bad_steps:
+                    self.log(f"[{name}] {self.bad_steps} non-finite losses: stopping (lower optim.lr, "
+                             "check the data with `dupmae inspect`, or raise train.max_bad_steps)")
+                    return EXIT_BAD_LOSS
+                continue
+            self._doing = f"the loss all-reduce of step {self.step}"
+            reduced = distributed.all_reduce(list(parts.values()))
+            values = {k: v / (world * accum) for k, v in zip(parts, reduced)}
+            dt_step = time.perf_counter() - t0
+            window["time"] += dt_step
+            window["wait"] += wait
+            window["tokens"] += glob["tokens"]
+            window["samples"] += glob["samples"]
+            window["flops"] += glob["flops"]
+            window["steps"] += 1
+            record = {"step": self.step, **values, "lr": lr,
+                      "grad_norm": gnorm, "step_s": dt_step, "data_wait_s": wait, "tokens": int(glob["tokens"]),
+                      "samples": int(glob["samples"]), "consumed_samples": self.sampler.consumed_samples}
+            if metrics:
+                try:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                except OSError as e:  # a full disk: name the file (a failed write names none); exit 74 in the CLI
+                    raise OSError(e.errno, e.strerror, metrics.name) from e
+            if self.step % cfg.logging.every == 0 or self.step == cfg.train.max_steps:
+                self._report(record, window, peak, start_step, t_start)
+                window = {k: 0.0 for k in window} | {"steps": 0}
+            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+                self._doing = f"the evaluation at step {self.step}"
+                self.evaluate(metrics)
+            if self.step % cfg.checkpoint.every == 0 and self.step < last:
+                self._doing = f"the checkpoint save at step {self.step}"
+                self.save()
+        self._doing = f"the final checkpoint save at step {self.step}"
+        self.save()
+        what = "done" if self.step >= cfg.train.max_steps else f"stopped at train.stop_at_step {self.step}"
+        self.log(f"[{name}] {what}: {self.step - start_step} steps in "
+                 f"{format_duration(time.perf_counter() - t_start)}")
+        return EXIT_OK
 
     def _report(self, record: dict, window: dict, peak: float | None, start_step: int, t_start: float) -> None:
         secs = max(window["time"], 1e-9)
@@ -559,4 +618,5 @@ def run(cfg, task=None) -> int:
         trainer.close()
 
 
-__all__ = ["Trainer", "run", "deepspeed_config", "EXIT_OK", "EXIT_PREEMPTED", "EXIT_BAD_LOSS"]
+__all__ = ["Trainer", "run", "deepspeed_config", "EXIT_OK", "EXIT_PREEMPTED", "EXIT_BAD_LOSS", "EXIT_DISK_FULL",
+           "EXIT_RANK_LOST", "RankLostError"]

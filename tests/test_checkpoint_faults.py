@@ -1,12 +1,15 @@
 """Faults a long pre-training run must survive, injected into real one-rank runs in this process (issue 14):
-a damaged checkpoint (a flipped byte, a truncated file), a save that fails halfway, data changed between a
-stop and its resume, a checkpoint whose pickle would run code, and a resume with another ZeRO stage."""
+a damaged checkpoint (a flipped byte, a truncated file), a save that fails halfway, a disk that fills during a
+save (a small tmpfs; one rank here, two ranks under the deepspeed launcher), data changed between a stop and its
+resume, a checkpoint whose pickle would run code, and a resume with another ZeRO stage."""
 from __future__ import annotations
 
 import builtins
+import errno
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +163,112 @@ def test_a_failed_save_leaves_the_previous_checkpoint_complete(tmp_path, tiny_re
     assert _run(monkeypatch, recipe) == 0
     assert "already holds step 4" in capsys.readouterr().err
     assert (ckpt / "step4" / MARKER).stat().st_mtime_ns == stamp
+
+
+# -- A2: the disk fills during a save ------------------------------------------------------------------------
+
+class SmallDisk:
+    """A tmpfs of `size` mounted at `path` (root only); `resize` changes its size in place (frees space)."""
+
+    def __init__(self, path: Path, size: str):
+        if os.geteuid() != 0:
+            pytest.skip("a full disk is injected with a small tmpfs, which only root can mount")
+        path.mkdir(parents=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs at {path}: {done.stderr.strip()}")
+        self.path = path
+
+    def resize(self, size: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(self.path)], check=True, capture_output=True)
+
+    def unmount(self) -> None:
+        subprocess.run(["umount", "--lazy", str(self.path)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    disks = []
+
+    def mount(size: str) -> SmallDisk:
+        disks.append(SmallDisk(tmp_path / f"disk{len(disks)}", size))
+        return disks[-1]
+
+    yield mount
+    for disk in disks:
+        disk.unmount()
+
+
+# a checkpoint of the tiny model with ZeRO-1 on one rank: 4.2 MB of model states, 12.4 MB of optimizer states,
+# 14 KB of RNG; 24 MB holds one checkpoint and the run's logs, and the next save fills it in its second file
+DISK_FOR_ONE_CHECKPOINT = "24m"
+
+
+def test_disk_full_during_a_save_stops_74_and_the_same_command_resumes(tmp_path, tiny_recipe, one_rank, monkeypatch,
+                                                                        capsys, small_disk):
+    """The run directory on a 24 MB tmpfs, a checkpoint every 2 steps, keep_last 1: step 2's checkpoint fits,
+    step 4's fills the disk halfway through its optimizer file. The run stops with exit 74 and a message naming
+    the file and the free space; step 2 stays complete, verified and named by latest_complete; nothing of step 4
+    is left. After the disk grows, the same command resumes from step 2 and gives the uninterrupted losses."""
+    sections = dict(zero={"stage": 1}, train={"max_steps": 6}, checkpoint={"every": 2, "keep_last": 1},
+                    logging={"every": 1, "tensorboard": False})
+    whole = tmp_path / "whole"
+    assert _run(monkeypatch, tiny_recipe(tmp_path / "whole.toml", whole, **sections)) == 0
+    disk = small_disk(DISK_FOR_ONE_CHECKPOINT)
+    run_dir = disk.path / "run"
+    recipe = tiny_recipe(tmp_path / "r.toml", run_dir, **sections)
+    ckpt = run_dir / "checkpoints"
+
+    capsys.readouterr()
+    assert _cli(monkeypatch, recipe) == trainer.EXIT_DISK_FULL == 74
+    err = capsys.readouterr().err
+    failed = ckpt / "step4" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    assert (f"dupmae pretrain: error: disk full: checkpoint {ckpt / 'step4'} could not be written: {failed}: "
+            "[Errno 28] No space left on device.") in err, err[-3000:]
+    assert "MB free of 25.2 MB on the filesystem of" in err and "(the incomplete step4 removed)" in err
+    assert f"{ckpt / 'latest_complete'} still names step2, the last complete checkpoint" in err
+    assert "run the same command again" in err
+    # the previous checkpoint is the resume point, whole (retention did not touch it); nothing of step 4 is left
+    assert (ckpt / "latest_complete").read_text() == "step2"
+    assert checkpoint.complete_checkpoints(ckpt) == ["step2"]
+    assert checkpoint.verify(ckpt, "step2", checkpoint.read_marker(ckpt, "step2")) == []
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step2"]
+    assert not list(ckpt.rglob("*.tmp"))
+    assert [s for s, _ in _losses(run_dir)] == [1, 2, 3, 4]
+
+    disk.resize("64m")
+    capsys.readouterr()
+    assert _cli(monkeypatch, recipe) == 0
+    assert f"resumed from {ckpt / 'step2'}: step 2" in capsys.readouterr().err
+    again = _losses(run_dir)[4:]
+    assert [s for s, _ in again] == [3, 4, 5, 6]
+    assert again == _losses(whole)[2:]  # bit-exact: dropout on, RNG restored
+    assert checkpoint.complete_checkpoints(ckpt) == ["step6"] and (ckpt / "latest_complete").read_text() == "step6"
+
+
+def test_quota_exceeded_writing_the_marker_stops_74(tmp_path, tiny_recipe, one_rank, monkeypatch, capsys):
+    """EDQUOT from the completion marker's JSON write (the last write of a save): the same clean stop, the
+    marker-less folder removed, the pointer unchanged."""
+    run_dir = tmp_path / "run"
+    recipe = tiny_recipe(tmp_path / "r.toml", run_dir, dropout=False, train={"max_steps": 4},
+                         checkpoint={"every": 2, "keep_last": 1})
+    ckpt = run_dir / "checkpoints"
+    original = checkpoint._write_atomic
+
+    def write(path, text):
+        if path == ckpt / "step4" / MARKER:
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(path))
+        return original(path, text)
+
+    monkeypatch.setattr(checkpoint, "_write_atomic", write)
+    capsys.readouterr()
+    assert _cli(monkeypatch, recipe) == 74
+    err = capsys.readouterr().err
+    assert (f"disk full: checkpoint {ckpt / 'step4'} could not be written: {ckpt / 'step4' / MARKER}: "
+            f"[Errno {errno.EDQUOT}] Disk quota exceeded") in err, err[-3000:]
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step2"]
+    assert (ckpt / "latest_complete").read_text() == "step2" and not list(ckpt.rglob("*.tmp"))
 
 
 # -- B: data changed between a stop and its resume -----------------------------------------------------------

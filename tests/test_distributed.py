@@ -1,6 +1,7 @@
 """Real runs through the real launchers (`deepspeed`, `torchrun`, or none), 2 gloo ranks on this machine:
 the same updates whatever the ZeRO stage and the split of the global batch, bit-exact resume, SIGTERM,
-a rank killed mid-run, and what a run leaves in its run directory.
+a rank killed mid-run, a rank that hangs (SIGSTOP), a disk that fills during a save, and what a run leaves in its
+run directory.
 
 Runs are compared through RUN_DIR/metrics.jsonl. Every run uses the tiny 2-layer, 32-wide BERT of
 `tiny_recipe` on `tiny_shards`, fp32, 4 samples per rank and micro step (8 in one process). Runs that
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from test_checkpoint_faults import small_disk  # noqa: F401  (a fixture)
 
 from dupmae.engine.config import load_config
 
@@ -26,6 +28,7 @@ pytestmark = pytest.mark.distributed
 
 BIN = Path(sys.executable).parent
 EXIT_PREEMPTED = 75
+EXIT_RANK_LOST = 69
 
 # float32 on both sides: 2 ranks all-reduce gradient halves and sum the loss parts in another order than
 # one process over the whole global batch; the difference measured is about 1e-7 relative per step (the
@@ -339,6 +342,126 @@ def test_dead_rank_ends_the_job_and_the_checkpoint_survives(lab):
     assert again.rc == 0, again.log[-4000:]
     assert f"resumed from {ckpt / tag}: step {last}" in again.log
     assert_identical(again.steps, ref.steps, from_step=last + 1)
+
+
+def test_every_group_a_run_makes_times_out_after_dist_timeout_s(monkeypatch):
+    """torch gives a group made without a timeout 30 minutes, not the world group's; DeepSpeed reduces gradients
+    and gathers ZeRO partitions on such a group (its clone of the world group), so a hung rank kept the others
+    waiting 30 minutes whatever train.dist_timeout_s said. `distributed.init` gives every group the run's."""
+    import datetime as dt
+
+    import deepspeed.utils.groups
+    import torch
+    import torch.distributed as torch_dist
+    from test_trainer import one_rank_env
+    from torch.distributed import distributed_c10d
+
+    from dupmae.engine import distributed
+
+    if torch_dist.is_initialized():
+        pytest.skip("a process group of another test is still open in this process")
+    one_rank_env(monkeypatch)
+    monkeypatch.setattr(deepspeed.utils.groups, "_WORLD_GROUP", None)
+    monkeypatch.setattr(distributed_c10d, "default_pg_timeout", distributed_c10d.default_pg_timeout)
+    monkeypatch.setattr(distributed_c10d, "default_pg_nccl_timeout", distributed_c10d.default_pg_nccl_timeout)
+
+    def timeout(group) -> dt.timedelta:
+        return group._get_backend(torch.device("cpu")).options._timeout
+
+    distributed.init(17)
+    try:
+        clone = deepspeed.utils.groups._clone_world_group()  # what ZeRO's data-parallel group is
+        assert timeout(torch_dist.group.WORLD) == timeout(clone) == timeout(torch_dist.new_group(ranks=[0])) \
+            == dt.timedelta(seconds=17)
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("stopped", [1, 0])
+def test_hung_rank_ends_the_job_within_the_timeout_and_the_checkpoint_survives(lab, stopped):
+    """SIGSTOP of one rank in the middle of a step (sent 0.4 step into it: most often during forward/backward, so
+    the other waits in ZeRO's gradient all-reduce) under the deepspeed launcher, train.dist_timeout_s = 15. A
+    stopped process keeps its sockets open and answers nothing: only a timeout ends the wait. The other rank exits
+    69 within 15 s + 15 s (up to 7 s of them asking the job's store who still answers: rank 0's process holds that
+    store, so with rank 0 stopped the asking is given up) naming the stopped rank and the step; the launcher ends
+    the stopped rank (SIGTERM, which it cannot act on, then SIGKILL 30 s later) and exits 69; nothing is left
+    running; the same command resumes from the last complete checkpoint and ends as the uninterrupted run."""
+    ref = lab.reference(2, "deepspeed")
+    limit = 15
+    recipe, run_dir = lab.recipe(f"hung-rank{stopped}", True, **resumable(train={"dist_timeout_s": limit}))
+    job = Job("deepspeed", recipe, run_dir, name="hung")
+    try:
+        job.wait_for_step(6)  # the step-4 checkpoint is complete
+        time.sleep(0.4 * steps(run_dir)[6]["step_s"])
+        everyone = psutil.Process(job.proc.pid).children(recursive=True)
+        ranks = job.ranks()
+        ranks[stopped].suspend()  # SIGSTOP
+        t_stop = time.perf_counter()
+        ranks[1 - stopped].wait(timeout=limit + 60)
+        detect = time.perf_counter() - t_stop
+        hung = job.wait(timeout=120)
+        total = time.perf_counter() - t_stop
+        # what the launcher left: looked at before the clean-up below, which would hide it
+        gone, alive = psutil.wait_procs(everyone, timeout=5)
+        left = [p for p in psutil.process_iter(["cmdline"]) if str(recipe) in " ".join(p.info["cmdline"] or [])]
+    finally:
+        job.kill()  # after a failure above: the whole session, the stopped rank included (SIGKILL needs no SIGCONT)
+    print(f"hung rank: rank {1 - stopped} exited {detect:.1f} s after rank {stopped} stopped, the launcher "
+          f"{total:.1f} s after")
+    assert hung.rc == EXIT_RANK_LOST, hung.log[-4000:]
+    assert "exits with return code = 69" in hung.log
+    assert detect < limit + 15, f"the other rank ended {detect:.1f} s after the stop (dist_timeout_s {limit})"
+    at = max(hung.steps)
+    assert at < N
+    named = f"dupmae pretrain: error: rank {1 - stopped}: rank {stopped} "
+    lines = [line for line in hung.log.splitlines() if line.startswith(named) and "stopped answering" in line]
+    assert len(lines) == 1, hung.log[-4000:]
+    assert f"no answer within train.dist_timeout_s = {limit} s" in lines[0]
+    assert f"step {at} " in lines[0] or f"step {at + 1} " in lines[0], lines[0]
+    ckpt = run_dir / "checkpoints"
+    tag = (ckpt / "latest_complete").read_text().strip()
+    assert f"the last complete checkpoint is {ckpt / tag}, from which it resumes" in lines[0]
+    assert not alive and not left, f"left running: {alive} {left}"
+
+    last = int(tag[4:])
+    assert last >= 4 and last % 4 == 0 and (ckpt / tag / "dupmae_complete.json").is_file()
+    again = Job("deepspeed", recipe, run_dir, name="rerun").wait()
+    assert again.rc == 0, again.log[-4000:]
+    assert f"resumed from {ckpt / tag}: step {last}" in again.log
+    assert_identical(again.steps, ref.steps, from_step=last + 1)
+
+
+@pytest.mark.timeout(300)
+def test_disk_full_during_a_save_ends_every_rank_74(lab, small_disk):
+    """The run directory on a 24 MB tmpfs (one checkpoint of this run is 16.6 MB), keep_last 1: step 8's save
+    fills the disk on whichever rank writes last. No rank waits for the other: both print the disk-full
+    message and exit 74, and so does the deepspeed launcher; step 4 stays the resume point. After the disk
+    grows, the same command resumes from step 4 and ends bit-identical to the uninterrupted run."""
+    ref = lab.reference(2, "deepspeed")
+    disk = small_disk("24m")
+    run_dir = disk.path / "run"
+    recipe = lab.tiny_recipe(lab.root / "disk-full.toml", run_dir, dropout=True,
+                             **resumable(checkpoint={"keep_last": 1}, train={"dist_timeout_s": 120}))
+    full = Job("deepspeed", recipe, run_dir, name="full").wait()
+    assert full.rc == 74, full.log[-4000:]
+    assert "exits with return code = 74" in full.log
+    ckpt = run_dir / "checkpoints"
+    lines = [line for line in full.log.splitlines() if "dupmae pretrain: error: disk full" in line]
+    assert len(lines) == 2, full.log[-4000:]  # one per rank: neither was left waiting in a collective
+    assert all(f"checkpoint {ckpt / 'step8'} could not be written: rank " in line and
+               "[Errno 28] No space left on device" in line and
+               f"{ckpt / 'latest_complete'} still names step4" in line for line in lines), lines
+    assert "Timed out" not in full.log and "Traceback" not in full.log
+    assert max(full.steps) == 8
+    assert (ckpt / "latest_complete").read_text() == "step4"
+    assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step4"]
+
+    disk.resize("64m")
+    again = Job("deepspeed", recipe, run_dir, name="resumed").wait()
+    assert again.rc == 0, again.log[-4000:]
+    assert f"resumed from {ckpt / 'step4'}: step 4" in again.log
+    assert_identical(again.steps, ref.steps, from_step=5)
 
 
 # -- what a run leaves behind ----------------------------------------------------------------------------
