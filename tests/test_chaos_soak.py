@@ -26,8 +26,8 @@ between steps and inside saves. The schedule is a function of the seed, printed 
 same steps, not at the same instruction).
 
 The CI soak (`test_chaos_soak_short`): 30 steps, a checkpoint every 3, one preemption and one SIGKILL
-inside a save: about 3 minutes (190 CPU-seconds, most of it the 4 starts of the job) on the 2-core VM here
-while another 2-rank job shared it. The full soak (`test_chaos_soak_full`, 300 steps, 8
+inside a save: 127 s on the 2-core VM here (136 CPU-seconds, most of them the 4 starts of a 2-rank job; 3
+minutes while another 2-rank job shared the cores). The full soak (`test_chaos_soak_full`, 300 steps, 8
 preemptions and a SIGKILL, a fresh seed each time unless DUPMAE_CHAOS_SEED is set) runs only with
 DUPMAE_CHAOS_SOAK=1. Each prints its figures: faults injected, runs that survived, steps lost per fault,
 seconds from the fault to the end of the job (detect) and from the new start to its first new step (restart).
@@ -77,8 +77,9 @@ class Fault:
 
 
 def schedule(seed: int, soak: Soak) -> list[Fault]:
-    """The faults, in order, as a function of `seed`. Each job gets at most one; their `after`s leave room
-    for the steps a kill makes the run train again and for the fault-free job that finishes the run."""
+    """The faults, in order, as a function of `seed`. Each job gets at most one, after half to all of an equal
+    share of the steps (so they spread over the run); the shares leave room for the steps a kill makes the
+    run train again and for the fault-free job that finishes the run."""
     rng = random.Random(seed)
     kinds = [rng.choice(["usr1-job", "usr1-rank"]) for _ in range(soak.preemptions)]
     kinds.insert(rng.randrange(len(kinds) + 1), "kill")
@@ -89,8 +90,8 @@ def schedule(seed: int, soak: Soak) -> list[Fault]:
         if kind == "kill" and soak.kill_in_save is not None:
             in_save = soak.kill_in_save
         delay = rng.uniform(0.0, 0.03) if in_save else rng.uniform(0.0, 0.4)
-        faults.append(Fault(kind, rng.randrange(2), rng.randint(1, span - (soak.every if in_save else 0)),
-                            in_save, round(delay, 3)))
+        most = span - (soak.every if in_save else 0)  # a save within `every` steps of being armed
+        faults.append(Fault(kind, rng.randrange(2), rng.randint(max(1, most // 2), most), in_save, round(delay, 3)))
     return faults
 
 
@@ -124,11 +125,12 @@ def checkpoint_steps(ckpt: Path) -> tuple[list[int], list[int]]:
 
 
 def saves_under_way(ckpt: Path, step: int, since: float) -> bool:
-    """A checkpoint of `step` or later is being written: its folder was made after `since` (time.time()), and
-    its marker is not there yet (an incomplete folder left by an earlier job was made before)."""
+    """A checkpoint of `step` or later is being written: its folder was made after `since` (time.time(); less
+    0.1 s, as file times lag the clock by a few ms), and its marker is not there yet (an incomplete folder left
+    by an earlier job was made seconds before: a job takes longer than that to start)."""
     for s in checkpoint_steps(ckpt)[1]:
         try:
-            if s >= step and (ckpt / f"step{s}").stat().st_ctime >= since:
+            if s >= step and (ckpt / f"step{s}").stat().st_ctime >= since - 0.1:
                 return True
         except FileNotFoundError:  # removed meanwhile (a leftover, when the save of its step begins)
             pass
@@ -232,6 +234,9 @@ class Chaos:
                     armed, last = time.time(), rows[-1]["step"]
                     if fault.in_save:  # the next save of this job: its folder appears before any of its files
                         while proc.poll() is None and not saves_under_way(ckpt, last, armed):
+                            if time.monotonic() > deadline:
+                                os.killpg(proc.pid, signal.SIGKILL)
+                                self.fail(f"job {len(self.attempts)} saved no checkpoint (fault {fault})", log)
                             time.sleep(0.001)
                     time.sleep(fault.delay)
                     if proc.poll() is None:
