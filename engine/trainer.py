@@ -225,6 +225,7 @@ class Trainer:
         self.step = 0
         self.bad_steps = 0
         self._loaded: tuple[str, int] | None = None  # (tag, step) of the checkpoint this run resumed from
+        self._saved: tuple[str, int] | None = None  # (tag, step) of the last checkpoint this run saved
         self._stop_signal: int | None = None
         self._doing = "starting"  # what the ranks are doing, for the message when a rank stops answering
         if self.rank == 0:
@@ -354,9 +355,10 @@ class Trainer:
 
     def save(self) -> None:
         tag = checkpoint.tag_for(self.step)
-        if self._loaded == (tag, self.step) and (self.ckpt_dir / tag / checkpoint.MARKER).is_file():
-            # resumed at this very step and trained none: the checkpoint holds this state already, and saving it
-            # again would first make it incomplete (with keep_last 1 nothing complete would be left meanwhile)
+        if (tag, self.step) in (self._loaded, self._saved) and (self.ckpt_dir / tag / checkpoint.MARKER).is_file():
+            # resumed at this very step, or saved it already (a stop signal during the periodic save), and trained
+            # none since: the checkpoint holds this state already, and saving it again would first make it
+            # incomplete (with keep_last 1 nothing complete would be left meanwhile)
             self.log(f"[{self.task.name}] checkpoint {self.ckpt_dir / tag} already holds step {self.step}")
             return
         extra = {"zero_stage": self.cfg.zero.stage, "precision": self.cfg.train.precision}
@@ -364,6 +366,7 @@ class Trainer:
             extra["data_files"] = self.data_files
         tag = checkpoint.save(self.engine, self.ckpt_dir, self.step, self.state_dict(),
                               self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every, marker_extra=extra)
+        self._saved = (tag, self.step)
         self.log(f"[{self.task.name}] saved checkpoint {self.ckpt_dir / tag}")
 
     # -- signals ------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ import json
 import os
 import shutil
 import subprocess
+
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -269,6 +271,36 @@ def test_quota_exceeded_writing_the_marker_stops_74(tmp_path, tiny_recipe, one_r
             f"[Errno {errno.EDQUOT}] Disk quota exceeded") in err, err[-3000:]
     assert sorted(p.name for p in ckpt.iterdir() if p.is_dir()) == ["step2"]
     assert (ckpt / "latest_complete").read_text() == "step2" and not list(ckpt.rglob("*.tmp"))
+
+def test_a_stop_signal_during_a_save_does_not_save_that_step_again(tmp_path, tiny_recipe, one_rank, monkeypatch,
+                                                                 capsys):
+    """SIGUSR1 while the periodic checkpoint of step 2 is being written: the run stops
+    at the next step boundary, which is step 2, without saving step 2 a second time. Saving it again removed
+    the complete checkpoint first, so with keep_last 1 no complete checkpoint existed until the new save ended
+    (a job killed then, say at the end of Slurm's grace period, started over from step 0), and the stop took
+    two saves instead of none."""
+    run_dir = tmp_path / "run"
+    recipe = tiny_recipe(tmp_path / "r.toml", run_dir, dropout=False, train={"max_steps": 6},
+                         checkpoint={"every": 2, "keep_last": 1})
+    saved_steps = []
+    original = checkpoint.save
+
+    def save_then_signal(engine, ckpt_dir, step, *args, **kwargs):
+        tag = original(engine, ckpt_dir, step, *args, **kwargs)
+        saved_steps.append(step)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)  # the trainer's handler only sets its flag
+        return tag
+
+    monkeypatch.setattr(checkpoint, "save", save_then_signal)
+    capsys.readouterr()
+    assert _run(monkeypatch, recipe) == trainer.EXIT_PREEMPTED
+    err = capsys.readouterr().err
+    assert "stop requested by signal at step 2: saving" in err and "already holds step 2" in err
+    assert saved_steps == [2]
+    ckpt = run_dir / "checkpoints"
+    assert checkpoint.complete_steps(ckpt) == [2] and (ckpt / "latest_complete").read_text() == "step2"
+    assert [s for s, _ in _losses(run_dir)] == [1, 2]
 
 
 # -- B: data changed between a stop and its resume -----------------------------------------------------------
