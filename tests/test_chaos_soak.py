@@ -49,7 +49,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from test_distributed import BIN, EXIT_PREEMPTED, free_port, read_metrics
+from test_distributed import BIN, EXIT_PREEMPTED, free_port, rank_processes, read_metrics
 
 from dupmae.engine import checkpoint
 
@@ -175,15 +175,7 @@ class Chaos:
         return proc, log
 
     def ranks(self, proc: subprocess.Popen) -> dict[int, psutil.Process]:
-        found = {}
-        for p in psutil.Process(proc.pid).children(recursive=True):
-            try:
-                env = p.environ()
-            except psutil.Error:
-                continue
-            if "RANK" in env and "LOCAL_RANK" in env:
-                found[int(env["RANK"])] = p
-        return found
+        return rank_processes(proc.pid)
 
     def fail(self, msg: str, log: Path | None = None) -> None:
         tail = log.read_text(encoding="utf-8")[-4000:] if log and log.is_file() else ""

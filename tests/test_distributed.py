@@ -99,6 +99,32 @@ class Run:
         return steps(self.run_dir)
 
 
+def rank_processes(pid: int) -> dict[int, psutil.Process]:
+    """{rank: process} for the descendants of process `pid` that a launcher gave a RANK and a LOCAL_RANK."""
+    found = {}
+    for p in psutil.Process(pid).children(recursive=True):
+        try:
+            env = p.environ()
+        except psutil.Error:
+            continue
+        if "RANK" in env and "LOCAL_RANK" in env:
+            found[int(env["RANK"])] = p
+    return found
+
+
+def assert_resumes_identically(launcher: str, recipe: Path, run_dir: Path, ref) -> None:
+    """The newest complete checkpoint is a step4k one; the same command resumes from it and reproduces the
+    uninterrupted run `ref` from the next step on."""
+    ckpt = run_dir / "checkpoints"
+    tag = (ckpt / "latest_complete").read_text().strip()
+    last = int(tag[4:])
+    assert last >= 4 and last % 4 == 0 and (ckpt / tag / "dupmae_complete.json").is_file()
+    again = Job(launcher, recipe, run_dir, name="rerun").wait()
+    assert again.rc == 0, again.log[-4000:]
+    assert f"resumed from {ckpt / tag}: step {last}" in again.log
+    assert_identical(again.steps, ref.steps, from_step=last + 1)
+
+
 class Job:
     """A launched run: the launcher is the leader of a new session, so nothing it starts outlives a test."""
 
@@ -113,14 +139,7 @@ class Job:
 
     def ranks(self) -> list[psutil.Process]:
         """The rank processes (the launcher's descendants that were given a RANK), by rank."""
-        found = {}
-        for p in psutil.Process(self.proc.pid).children(recursive=True):
-            try:
-                env = p.environ()
-            except psutil.Error:
-                continue
-            if "RANK" in env and "LOCAL_RANK" in env:
-                found[int(env["RANK"])] = p
+        found = rank_processes(self.proc.pid)
         return [found[r] for r in sorted(found)]
 
     def wait_for_step(self, step: int, timeout: float = 120) -> None:
@@ -334,14 +353,7 @@ def test_dead_rank_ends_the_job_and_the_checkpoint_survives(lab):
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(recipe) in " ".join(p.info["cmdline"] or [])]
     assert max(dead.steps) < N
 
-    ckpt = run_dir / "checkpoints"
-    tag = (ckpt / "latest_complete").read_text().strip()
-    last = int(tag[4:])
-    assert last >= 4 and last % 4 == 0 and (ckpt / tag / "dupmae_complete.json").is_file()
-    again = Job("torchrun", recipe, run_dir, name="rerun").wait()
-    assert again.rc == 0, again.log[-4000:]
-    assert f"resumed from {ckpt / tag}: step {last}" in again.log
-    assert_identical(again.steps, ref.steps, from_step=last + 1)
+    assert_resumes_identically("torchrun", recipe, run_dir, ref)
 
 
 def test_every_group_a_run_makes_times_out_after_dist_timeout_s(monkeypatch):
@@ -424,12 +436,7 @@ def test_hung_rank_ends_the_job_within_the_timeout_and_the_checkpoint_survives(l
     assert f"the last complete checkpoint is {ckpt / tag}, from which it resumes" in lines[0]
     assert not alive and not left, f"left running: {alive} {left}"
 
-    last = int(tag[4:])
-    assert last >= 4 and last % 4 == 0 and (ckpt / tag / "dupmae_complete.json").is_file()
-    again = Job("deepspeed", recipe, run_dir, name="rerun").wait()
-    assert again.rc == 0, again.log[-4000:]
-    assert f"resumed from {ckpt / tag}: step {last}" in again.log
-    assert_identical(again.steps, ref.steps, from_step=last + 1)
+    assert_resumes_identically("deepspeed", recipe, run_dir, ref)
 
 
 @pytest.mark.timeout(300)
