@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 
 def _add_prepare(sub) -> None:
@@ -183,6 +185,27 @@ EXIT_DISK_FULL = 74  # engine/trainer.py's: the disk or quota was full while wri
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    code = _main(args)
+    _record_exit(args, code)
+    return code
+
+
+def _record_exit(args, code: int) -> None:
+    """Under the batch scripts (DUPMAE_EXIT_DIR set), each training rank leaves its exit code there as
+    `rank<R>`: srun reports only the highest code of its tasks (a rank that exited 69 because its peer was
+    stopped hides behind the 143 of the peer srun then terminated), and the script decides from these whether
+    the job is requeued (69: a rank or node was lost)."""
+    where = os.environ.get("DUPMAE_EXIT_DIR")
+    if not where or args.command not in ("pretrain", "finetune"):
+        return
+    try:
+        path = Path(where) / f"rank{os.environ.get('RANK', '0')}"
+        path.write_text(f"{code}\n")
+    except OSError as e:
+        print(f"dupmae {args.command}: could not record the exit code in {where}: {e}", file=sys.stderr)
+
+
+def _main(args) -> int:
     from dupmae.data_pipeline.prepare import PrepareError
     from dupmae.data_pipeline.readers import InputError
     from dupmae.data_pipeline.shards import ShardError

@@ -194,34 +194,61 @@ def _rank_pid(cluster: LocalCluster, node) -> int | None:
     return None
 
 
-@pytest.mark.timeout(420)
-def test_node_lost_mid_run_ends_the_job_and_the_checkpoint_loads(local_cluster, work, reference):
-    """Node 2's rank killed (SIGKILL) mid-run: the job ends non-zero within seconds (the node's launcher
-    fails, srun --kill-on-bad-exit ends node 1), no process is left on either node, and the last complete
-    checkpoint resumes the run on the same losses."""
-    run = work.dir / "node-lost"
-    job_id = submit(local_cluster, work, PER_NODE, f"train.run_dir={run}", "checkpoint.every=2")
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("fault", ["rank-killed", "rank-stopped", "link-down"])
+def test_lost_node_or_hung_rank_the_job_is_requeued_and_resumes_exactly(local_cluster, work, reference, fault):
+    """A fault on node 2 mid-run; the job ends within a bounded time, is requeued and resumes exactly.
+    link-down: node 2's network link goes down (the node vanishes: nothing it runs answers or closes a
+      connection). srun finds the node gone and Slurm cancels the job for NODE FAILURE and requeues it itself
+      (--requeue); the link comes back and the node returns to service (ReturnToService=2).
+    rank-killed: node 2's rank is killed (SIGKILL; what the OOM killer or a crashed node does to it). Node 1's
+      rank sees its peer go away, names rank 1 and exits 69; the batch script requeues on a rank's 69.
+    rank-stopped: node 2's rank is stopped (SIGSTOP; the node stays up). Node 1's rank gets no answer within
+      train.dist_timeout_s, names rank 1 and exits 69; srun ends the other task (the job's code is then its 143,
+      the ranks' own codes say 69); the batch script requeues on a rank's 69.
+    Either way the requeued job resumes from the last complete checkpoint and ends with the uninterrupted job's
+    losses."""
+    n2 = local_cluster.nodes[1]
+    run = work.dir / f"fault-{fault}"
+    job_id = submit(local_cluster, work, PER_NODE, f"train.run_dir={run}", "checkpoint.every=2",
+                    "train.dist_timeout_s=15")
     wait_for(lambda: latest_complete(run) and len(records(run)) >= 5
              or local_cluster.job(job_id).get("JobState") in TERMINAL_STATES, 180, "a checkpoint and five steps")
-    pid = _rank_pid(local_cluster, local_cluster.nodes[1])
-    assert pid, f"no rank on node 2: {local_cluster.job(job_id)}"
     t0 = time.monotonic()
-    os.kill(pid, signal.SIGKILL)
-    job = finish(local_cluster, work, job_id, timeout=120)
-    ended_s = time.monotonic() - t0
-    assert job.info["JobState"] == "FAILED" and job.info["ExitCode"] != "0:0", f"{job.info}\n{job.log[-3000:]}"
-    assert ended_s < 90
-    wait_for(lambda: not local_cluster.leftover_processes(), 30, "no job process left on the nodes")
+    if fault == "link-down":
+        subprocess.run(["ip", "link", "set", n2.veth, "down"], check=True)
+    else:
+        pid = _rank_pid(local_cluster, n2)
+        assert pid, f"no rank on node 2: {local_cluster.job(job_id)}"
+        os.kill(pid, signal.SIGKILL if fault == "rank-killed" else signal.SIGSTOP)
 
+    def requeued(info: dict) -> bool:
+        return int(info.get("Restarts", "0")) >= 1 and info.get("JobState") == "PENDING"
+
+    try:
+        info = local_cluster.wait_job(job_id, 180,
+                                      until=lambda i: requeued(i) or i.get("JobState") in TERMINAL_STATES)
+    finally:
+        if fault == "link-down":
+            subprocess.run(["ip", "link", "set", n2.veth, "up"], check=True)
+    ended_s = time.monotonic() - t0
+    log = job_log(work, job_id)
+    print(f"[{fault}] the job ended and was requeued {ended_s:.1f} s after the fault")
+    assert requeued(info), f"{info}\n{log[-4000:]}"
+    assert ended_s < 15 + 45, ended_s  # the collective's timeout plus Slurm's and the launchers' slack
+    if fault == "link-down":
+        assert "DUE TO NODE FAILURE" in log, log[-4000:]
+    else:
+        assert "rank 1 stopped answering" in log and "requeueing job" in log and "(1 of 3)" in log, log[-4000:]
+    wait_for(lambda: "State=IDLE" in local_cluster.scontrol("show", "node", n2.name), 120, "node 2 back in service")
+    wait_for(lambda: not local_cluster.leftover_processes(), 30, "no job process left on the nodes")
     tag = latest_complete(run)
-    k = int(tag.removeprefix("step"))
-    assert 2 <= k < STEPS and (run / "checkpoints" / tag / "dupmae_complete.json").exists()
-    again = finish(local_cluster, work, submit(local_cluster, work, PER_NODE, f"train.run_dir={run}",
-                                               "checkpoint.every=2", f"train.stop_at_step={k + 2}"))
-    assert again.info["JobState"] == "COMPLETED", again.log[-4000:]
-    assert f"resumed from {run}/checkpoints/{tag}: step {k}" in again.log
-    ref = losses(reference[1])
-    assert [losses(run)[s] for s in (k + 1, k + 2)] == [ref[k + 1], ref[k + 2]]
+    time.sleep(3)  # not within the second the old credential was revoked (see the preemption test)
+    local_cluster.scontrol("update", f"JobId={job_id}", "StartTime=now")
+    job = finish(local_cluster, work, job_id)
+    assert (job.info["JobState"], job.info["ExitCode"]) == ("COMPLETED", "0:0"), job.log[-4000:]
+    assert f"resumed from {run}/checkpoints/{tag}: step {int(tag.removeprefix('step'))}" in job.log, job.log[-4000:]
+    assert losses(run) == losses(reference[1])
 
 
 @pytest.mark.timeout(300)

@@ -312,3 +312,21 @@ def test_example_deepspeed_configs(layout, ranks, stage, recipe):
     p = plan(recipe, "--hostfile", str(EXAMPLES / f"hostfile-{layout}"), "--master-addr", "10.0.0.1",
              f"data.micro_batch={micro}")
     assert p.world_size == ranks
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_each_training_rank_leaves_its_exit_code_for_the_batch_script(tmp_path, monkeypatch, capsys, command):
+    """Under the sbatch scripts (DUPMAE_EXIT_DIR) a training rank writes its exit code as rank<RANK>: the
+    script requeues on a rank's 69, which srun's own code (the highest of its tasks') can hide."""
+    from dupmae.engine.cli import main
+
+    monkeypatch.setenv("DUPMAE_EXIT_DIR", str(tmp_path / "codes"))
+    monkeypatch.setenv("RANK", "3")
+    (tmp_path / "codes").mkdir()
+    assert main([command, "-c", str(tmp_path / "missing.toml")]) == 2
+    assert (tmp_path / "codes" / "rank3").read_text() == "2\n"
+    assert main(["inspect", str(tmp_path / "none")]) != 0
+    assert sorted(p.name for p in (tmp_path / "codes").iterdir()) == ["rank3"]  # only training commands write
+    monkeypatch.setenv("DUPMAE_EXIT_DIR", str(tmp_path / "gone"))  # cannot be written: said, code unchanged
+    assert main([command, "-c", str(tmp_path / "missing.toml")]) == 2
+    assert "could not record the exit code" in capsys.readouterr().err
