@@ -18,7 +18,14 @@ Stages (each writes WORK/<stage>.json when it finishes and is skipped when that 
   mine          `dupmae mine` with the stage-1 export: hard negatives from ranks 10-200 of the hybrid score
   ours_hybrid_s2  stage 2 from the pre-trained export (coCondenser's restart) on the mined negatives
   ours_hybrid_long  stage 1 in hybrid mode as ours_hybrid, LONG_EPOCHS passes instead of one (the cheapest lever)
-Results: benchmarks/results/finetune.csv (one row per stage) and the stages' JSON in WORK.
+  mine_long     `dupmae mine` again, with the ours_hybrid_long export (harder negatives from a better retriever)
+  ours_hybrid_long_s2  stage 2 continued from the ours_hybrid_long export (not restarted) on those negatives,
+                S2_EPOCHS passes: the full pipeline stage 1 -> mine -> stage 2
+  mine_r2, ours_hybrid_s2_r2  a second round: mined again with the ours_hybrid_long_s2 export, stage 2
+                continued from it for S2_EPOCHS more passes (ANCE-style re-mining)
+Results: benchmarks/results/finetune.csv (one row per stage and mode; `notes` holds the p-value of a paired
+sign-flip permutation test on per-query NDCG@10 against BM25 for each stage's own mode) and the stages' JSON in
+WORK.
 """
 from __future__ import annotations
 
@@ -39,7 +46,8 @@ SCIFACT = REPO.parent / "shared" / "data" / "scifact"
 COLUMNS = ["date", "machine", "commit", "stage", "system", "mode", "ndcg@10", "recall@100", "mrr@10", "train_s",
            "eval_s", "steps", "notes"]
 STAGES = ("bm25", "minilm", "pretrain", "ours_hybrid", "st_mnrl", "ours_dense", "mine", "ours_hybrid_s2",
-          "ours_hybrid_long")
+          "ours_hybrid_long", "mine_long", "ours_hybrid_long_s2", "mine_r2",
+          "ours_hybrid_s2_r2")
 
 # The fine-tuning recipe every row shares (what was cut to fit 2 CPU cores is said in benchmarks/README.md)
 EPOCHS = 1
@@ -49,6 +57,7 @@ LR = 5e-5
 Q_LEN, P_LEN = 64, 160
 PRETRAIN_STEPS = 60
 LONG_EPOCHS = 4  # ours_hybrid_long
+S2_EPOCHS = 2  # ours_hybrid_long_s2
 
 
 def sh(cmd: list[str], log_path: Path, env: dict | None = None) -> None:
@@ -108,7 +117,7 @@ def main() -> int:
         raise SystemExit(f"{SCIFACT}: missing (the SciFact collection beside the repository)")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    from dupmae.engine.evaluate import bm25_search, load_beir, metrics, run_from_ranking
+    from dupmae.engine.evaluate import bm25_search, evaluate, load_beir, metrics, run_from_ranking
 
     train = load_beir(SCIFACT, "train")
     n_train = len(train.query_ids)
@@ -207,6 +216,44 @@ def main() -> int:
         done(p, "ours_hybrid_long", {"system": f"DupMAE† + stage 1 (hybrid), {LONG_EPOCHS} epochs", "mode": "hybrid",
                                      "rows": rows, "eval_s": secs, "train_s": train_seconds(run_dir),
                                      "steps": steps * LONG_EPOCHS})
+    # stage 1 (LONG_EPOCHS) -> [mine -> stage 2 continued (S2_EPOCHS)] x 2 rounds
+    rounds = [("mine_long", "ours_hybrid_long", "ours_hybrid_long_s2", f"stage 1 ({LONG_EPOCHS} epochs) + mine + "
+               f"stage 2 ({S2_EPOCHS} epochs, continued)"),
+              ("mine_r2", "ours_hybrid_long_s2", "ours_hybrid_s2_r2", f"stage 1 ({LONG_EPOCHS} epochs) + 2 rounds of "
+               f"mine + stage 2 ({S2_EPOCHS} epochs each, continued)")]
+    for mine_name, start, name, what in rounds:
+        mined = work / f"mined_{start}.jsonl" if mine_name != "mine_long" else work / "mined_long.jsonl"
+        if p := stage(mine_name):
+            t = time.perf_counter()
+            sh([BIN / "dupmae", "mine", "--model", work / f"{start}.export", "--data", SCIFACT, "--out", mined,
+                "--negatives", 7, "--cache-dir", work / "cache"], log)
+            done(p, mine_name, {"system": f"dupmae mine with the {start} export", "mode": "-", "rows": {},
+                                "train_s": time.perf_counter() - t})
+        if p := stage(name):
+            run_dir = work / name
+            launch(["finetune", "-c", REPO / "configs" / "finetune-scifact-cpu.toml",
+                    *finetune_overrides(run_dir, str(work / f"{start}.export"), str(mined), "hybrid",
+                                        steps * S2_EPOCHS)], log)
+            sh([BIN / "dupmae", "export", run_dir, work / f"{name}.export", "--overwrite"], log)
+            rows, secs = evaluate_export(str(work / f"{name}.export"), ("dense", "bow", "hybrid"), work)
+            done(p, name, {"system": f"DupMAE† + {what}", "mode": "hybrid", "rows": rows, "eval_s": secs,
+                           "train_s": train_seconds(run_dir), "steps": steps * S2_EPOCHS})
+
+    # our rows against BM25, query by query: a paired sign-flip permutation test on NDCG@10 (computed once per
+    # stage from the cached embeddings, kept in its JSON)
+    if "bm25" in results:
+        for name in STAGES:
+            rec = results.get(name)
+            export = work / f"{name}.export"
+            if not rec or rec.get("mode") not in ("dense", "hybrid") or not export.is_dir() or "p_vs_bm25" in rec:
+                continue
+            rep = evaluate(str(export), SCIFACT, "test", modes=(rec["mode"],), bm25=True, cache_dir=work / "cache",
+                           progress=False, per_query=True)
+            ours, bm25 = rep["per_query"][rec["mode"]], rep["per_query"]["bm25"]
+            qids = sorted(bm25)
+            rec["p_vs_bm25"] = benchutil.paired_permutation_p([ours[q]["ndcg@10"] for q in qids],
+                                                              [bm25[q]["ndcg@10"] for q in qids])
+            (work / f"{name}.json").write_text(json.dumps(rec, indent=2))
 
     table = []
     for name in STAGES:
@@ -220,7 +267,9 @@ def main() -> int:
                           "recall@100": round(row.get("recall@100", float("nan")), 4) if row else "",
                           "mrr@10": round(row.get("mrr@10", float("nan")), 4) if row else "",
                           "train_s": round(rec.get("train_s", 0.0), 1), "eval_s": round(rec.get("eval_s", 0.0), 1),
-                          "steps": rec.get("steps", ""), "notes": ""})
+                          "steps": rec.get("steps", ""),
+                          "notes": f"p vs BM25 {rec['p_vs_bm25']:.3g} (NDCG@10, paired sign-flip over queries)"
+                          if mode == rec.get("mode") and "p_vs_bm25" in rec else ""})
     if table:
         benchutil.append_rows(REPO / "benchmarks" / "results" / "finetune.csv", COLUMNS, table)
         benchutil.print_table(table, ["stage", "mode", "ndcg@10", "recall@100", "train_s", "eval_s"])

@@ -223,3 +223,13 @@ def wordnet_text() -> Path:
     tmp.write_bytes(data * WORDNET_COPIES)
     os.replace(tmp, out)
     return out
+
+
+def paired_permutation_p(a, b, n: int = 20000, seed: int = 0) -> float:
+    """Two-sided p-value of a sign-flip permutation test on paired per-query differences a - b."""
+    import numpy as np
+
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    observed = abs(d.mean())
+    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(n, len(d)))
+    return float(((np.abs((signs * d).mean(1)) >= observed - 1e-15).sum() + 1) / (n + 1))

@@ -51,6 +51,7 @@ RESULTS = REPO / "benchmarks" / "results"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_finetune import sh  # noqa: E402  (run a command into a log, its tail and exit on failure)
+from benchutil import paired_permutation_p  # noqa: E402
 
 # Why these sizes (CPU): 2 cores and about 2.5 hours for the from-scratch part. A 4-layer, 256-wide BERT with an
 # 8,192-piece vocabulary learned on the pre-training text spends most of its time in the layers rather than in
@@ -373,16 +374,6 @@ def ft_eval(stages: Stages, p: dict, work: Path, start: str, encoder, mode: str,
 
 
 # -- report -------------------------------------------------------------------------------------------------
-
-
-def paired_permutation_p(a, b, n: int = 20000, seed: int = 0) -> float:
-    """Two-sided p-value of a sign-flip permutation test on paired per-query differences a - b."""
-    import numpy as np
-
-    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    observed = abs(d.mean())
-    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(n, len(d)))
-    return float(((np.abs((signs * d).mean(1)) >= observed - 1e-15).sum() + 1) / (n + 1))
 
 
 def _commit() -> str:
