@@ -486,6 +486,9 @@ def prune(ckpt_dir: Path, keep_last: int, keep_every: int, current: int) -> None
         if s in keep and not m.group(2):
             continue
         if (p / MARKER).is_file() or s < current:
+            # the marker first: a removal cut short (killed, a disk error) leaves an incomplete folder, which is
+            # never a resume point and is removed at the next save, not a "complete" one with files missing
+            (p / MARKER).unlink(missing_ok=True)
             shutil.rmtree(p, ignore_errors=True)
 
 

@@ -439,3 +439,24 @@ def test_resume_with_another_zero_stage(tmp_path, tiny_recipe, one_rank, monkeyp
     assert _run(monkeypatch, recipe, "train.stop_at_step=0", "zero.stage=2") == 0
     assert _run(monkeypatch, recipe, "train.stop_at_step=0", f"train.run_dir={whole}") == 0
     assert _losses(run_dir) == _losses(whole)
+
+
+def test_retention_removes_the_completion_marker_before_the_files(tmp_path, monkeypatch):
+    """A removal by retention that is cut short (killed, a disk error midway) must not leave a folder that still
+    looks complete with files missing: the marker goes first, so what is left is an incomplete folder (never a
+    resume point, removed at the next save)."""
+    ckpt = tmp_path / "checkpoints"
+    for s in (2, 4, 6):
+        (ckpt / f"step{s}").mkdir(parents=True)
+        (ckpt / f"step{s}" / "model.pt").write_bytes(b"x" * 10)
+        (ckpt / f"step{s}" / MARKER).write_text("{}")
+    removed = []
+
+    def cut_short(path, ignore_errors=False):  # the process dies before any file is removed
+        removed.append(Path(path).name)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", cut_short)
+    checkpoint.prune(ckpt, keep_last=1, keep_every=0, current=6)
+    assert sorted(removed) == ["step2", "step4"]
+    assert checkpoint.complete_steps(ckpt) == [6]  # the half-removed ones no longer count as complete
+    assert (ckpt / "step2" / "model.pt").exists() and not (ckpt / "step2" / MARKER).exists()
