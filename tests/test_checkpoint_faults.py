@@ -460,3 +460,39 @@ def test_retention_removes_the_completion_marker_before_the_files(tmp_path, monk
     assert sorted(removed) == ["step2", "step4"]
     assert checkpoint.complete_steps(ckpt) == [6]  # the half-removed ones no longer count as complete
     assert (ckpt / "step2" / "model.pt").exists() and not (ckpt / "step2" / MARKER).exists()
+
+
+def test_disk_full_writing_the_metrics_stops_74_naming_the_file(tmp_path, tiny_recipe, one_rank, monkeypatch,
+                                                                capsys):
+    """ENOSPC from metrics.jsonl (a full disk met outside a checkpoint save): exit 74 with the file named and the
+    free space said; the checkpoint saved before stays the complete resume point."""
+    run_dir = tmp_path / "run"
+    recipe = tiny_recipe(tmp_path / "r.toml", run_dir, dropout=False, train={"max_steps": 6},
+                         checkpoint={"every": 2, "keep_last": 2})
+    target = run_dir / "metrics.jsonl"
+
+    class FillsUp:
+        def __init__(self, f):
+            self.f, self.lines = f, 0
+
+        def write(self, text):
+            self.lines += 1
+            if self.lines == 3:  # the third step's record
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+            return self.f.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def fake_open(path, *args, **kwargs):
+        f = open(path, *args, **kwargs)
+        return FillsUp(f) if Path(path) == target else f
+
+    monkeypatch.setattr(trainer, "open", fake_open, raising=False)
+    capsys.readouterr()
+    assert _cli(monkeypatch, recipe) == 74
+    err = capsys.readouterr().err
+    assert f"disk full: {target}: [Errno {errno.ENOSPC}] No space left on device; " in err, err[-3000:]
+    assert "free" in err.split("disk full:")[1] and "run the same command again" in err
+    ckpt = run_dir / "checkpoints"
+    assert (ckpt / "latest_complete").read_text() == "step2" and checkpoint.complete_steps(ckpt) == [2]
