@@ -395,9 +395,11 @@ def test_hung_rank_ends_the_job_within_the_timeout_and_the_checkpoint_survives(l
     """SIGSTOP of one rank in the middle of a step (sent 0.4 step into it: most often during forward/backward, so
     the other waits in ZeRO's gradient all-reduce) under the deepspeed launcher, train.dist_timeout_s = 15. A
     stopped process keeps its sockets open and answers nothing: only a timeout ends the wait. The other rank exits
-    69 within 15 s + 15 s (up to 7 s of them asking the job's store who still answers: rank 0's process holds that
-    store, so with rank 0 stopped the asking is given up) naming the stopped rank and the step; the stopped rank
-    is killed (what the launcher does 30 s later) and the launcher exits 69; nothing is left running; the same command resumes from the last complete checkpoint and ends as the uninterrupted run."""
+    69 within 15 s + 30 s of slack (8-11 s of it measured alone, 21 s once under load; up to 7 s of it asking the
+    job's store who still answers: rank 0's process holds that store, so with rank 0 stopped the asking is given
+    up) naming the stopped rank and the step; the stopped rank is killed (what the launcher does 30 s later) and
+    the launcher exits 69; nothing is left running; the same command resumes from the last complete checkpoint
+    and ends as the uninterrupted run."""
     ref = lab.reference(2, "deepspeed")
     limit = 15
     recipe, run_dir = lab.recipe(f"hung-rank{stopped}", True, **resumable(train={"dist_timeout_s": limit}))
@@ -427,7 +429,8 @@ def test_hung_rank_ends_the_job_within_the_timeout_and_the_checkpoint_survives(l
           f"{total:.1f} s after")
     assert hung.rc == EXIT_RANK_LOST, hung.log[-4000:]
     assert "exits with return code = 69" in hung.log
-    assert detect < limit + 15, f"the other rank ended {detect:.1f} s after the stop (dist_timeout_s {limit})"
+    # 22-26 s measured alone on 2 cores; 36 s once while another 2-rank job shared them
+    assert detect < limit + 30, f"the other rank ended {detect:.1f} s after the stop (dist_timeout_s {limit})"
     at = max(hung.steps)
     assert at < N
     named = f"dupmae pretrain: error: rank {1 - stopped}: rank {stopped} "
