@@ -222,7 +222,7 @@ def main() -> int:
               ("mine_r2", "ours_hybrid_long_s2", "ours_hybrid_s2_r2", f"stage 1 ({LONG_EPOCHS} epochs) + 2 rounds of "
                f"mine + stage 2 ({S2_EPOCHS} epochs each, continued)")]
     for mine_name, start, name, what in rounds:
-        mined = work / f"mined_{start}.jsonl" if mine_name != "mine_long" else work / "mined_long.jsonl"
+        mined = work / f"mined_{start}.jsonl"
         if p := stage(mine_name):
             t = time.perf_counter()
             sh([BIN / "dupmae", "mine", "--model", work / f"{start}.export", "--data", SCIFACT, "--out", mined,

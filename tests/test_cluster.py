@@ -200,7 +200,8 @@ def test_lost_node_or_hung_rank_the_job_is_requeued_and_resumes_exactly(local_cl
     """A fault on node 2 mid-run; the job ends within a bounded time, is requeued and resumes exactly.
     link-down: node 2's network link goes down (the node vanishes: nothing it runs answers or closes a
       connection). srun finds the node gone and Slurm cancels the job for NODE FAILURE and requeues it itself
-      (--requeue), before or just after the batch script sees the surviving rank's 69; the link comes back and the node returns to service (ReturnToService=2).
+      (--requeue), before or just after the batch script sees the surviving rank's 69; the link comes back and
+      the node returns to service (ReturnToService=2).
     rank-killed: node 2's rank is killed (SIGKILL; what the OOM killer or a crashed node does to it). Node 1's
       rank sees its peer go away, names rank 1 and exits 69; the batch script requeues on a rank's 69.
     rank-stopped: node 2's rank is stopped (SIGSTOP; the node stays up). Node 1's rank gets no answer within
