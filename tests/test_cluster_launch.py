@@ -330,3 +330,95 @@ def test_each_training_rank_leaves_its_exit_code_for_the_batch_script(tmp_path, 
     monkeypatch.setenv("DUPMAE_EXIT_DIR", str(tmp_path / "gone"))  # cannot be written: said, code unchanged
     assert main([command, "-c", str(tmp_path / "missing.toml")]) == 2
     assert "could not record the exit code" in capsys.readouterr().err
+
+
+# -- what the batch scripts do when the ranks stop: requeue or not (stubs for srun, deepspeed, scontrol) -------
+
+STUB_LAUNCHER = """#!/bin/bash
+# the ranks: each leaves its exit code as the trainer does (engine/cli.py), then the launcher exits with $LAUNCH_RC
+i=0
+for code in $RANK_CODES; do echo "$code" > "$DUPMAE_EXIT_DIR/rank$i"; i=$((i + 1)); done
+echo "launched: $*" >> "$CALLS"
+exit "$LAUNCH_RC"
+"""
+STUB_SCONTROL = """#!/bin/bash
+echo "scontrol $*" >> "$CALLS"
+case "$1 $2" in
+  "show hostnames") printf 'node1\\nnode2\\n' ;;
+  "show node") echo "NodeName=$3 NodeAddr=10.0.0.1 State=ALLOCATED" ;;
+  "show job") echo "JobId=$SLURM_JOB_ID JobState=$JOB_STATE" ;;
+  requeue*) exit "$REQUEUE_RC" ;;
+esac
+"""
+
+
+def run_batch_script(variant: str, tmp_path: Path, codes: str, rc: int, *, requeue_rc: int = 0,
+                     job_state: str = "RUNNING", lost_before: int = 0) -> tuple[subprocess.CompletedProcess, str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", STUB_LAUNCHER), ("deepspeed", STUB_LAUNCHER), ("scontrol", STUB_SCONTROL),
+                       ("dupmae", "#!/bin/bash\nexit 0\n"), ("scancel", "#!/bin/bash\nexit 0\n")):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    calls = tmp_path / "calls"
+    calls.write_text("")
+    job_dir = tmp_path / "jobs"
+    if lost_before:
+        (job_dir / "4242").mkdir(parents=True, exist_ok=True)
+        (job_dir / "4242" / "rank-lost-requeues").write_text(f"{lost_before}\n")
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path), "CALLS": str(calls),
+           "RANK_CODES": codes, "LAUNCH_RC": str(rc), "REQUEUE_RC": str(requeue_rc), "JOB_STATE": job_state,
+           "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_NUM_NODES": "2",
+           "SLURM_SUBMIT_DIR": str(tmp_path), "DUPMAE_JOB_DIR": str(job_dir), "DUPMAE_RANKS_PER_NODE": "1"}
+    proc = subprocess.run(["bash", str(template_path(variant)), "recipe.toml"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    return proc, calls.read_text()
+
+
+@pytest.mark.parametrize("variant", ["per-node", "slurm"])
+def test_batch_script_requeues_when_a_rank_or_node_stopped_answering(variant, tmp_path):
+    """A rank's 69 (another rank hung or went away) requeues the job even though srun / the launcher reports
+    another code (measured: 143 for the task srun terminated): the ranks' own codes decide."""
+    proc, calls = run_batch_script(variant, tmp_path, "69 143", 143)
+    assert proc.returncode == 0, proc.stderr
+    assert "scontrol requeue 4242" in calls
+    assert "requeueing job 4242 (1 of 3)" in proc.stdout
+    assert (tmp_path / "jobs" / "4242" / "rank-lost-requeues").read_text().strip() == "1"
+    assert (tmp_path / "jobs" / "4242" / "exit-codes" / "restart-0" / "rank0").read_text().strip() == "69"
+
+
+@pytest.mark.parametrize("variant", ["per-node", "slurm"])
+@pytest.mark.parametrize("codes,rc", [("69 2", 2), ("3 69", 3), ("69 74", 74), ("1 1", 1), ("0 0", 0)])
+def test_batch_script_does_not_requeue_what_a_restart_cannot_fix(variant, codes, rc, tmp_path):
+    """Bad input (2), non-finite losses (3), a full disk (74), an unexplained failure (1), a finished run (0):
+    the job ends with the launcher's code, no requeue."""
+    proc, calls = run_batch_script(variant, tmp_path, codes, rc)
+    assert proc.returncode == rc, proc.stderr
+    assert "requeue" not in calls
+    assert "finished" in proc.stdout and f"exit {rc}" in proc.stdout
+
+
+@pytest.mark.parametrize("variant", ["per-node", "slurm"])
+def test_batch_script_stops_requeueing_a_fault_that_keeps_coming_back(variant, tmp_path):
+    proc, calls = run_batch_script(variant, tmp_path, "69 143", 143, lost_before=3)
+    assert proc.returncode == 143
+    assert "requeue" not in calls
+    assert "3 requeues already, not requeueing" in proc.stderr
+
+
+@pytest.mark.parametrize("variant", ["per-node", "slurm"])
+def test_batch_script_preempted_run_is_requeued(variant, tmp_path):
+    proc, calls = run_batch_script(variant, tmp_path, "75 75", 75)
+    assert proc.returncode == 0 and "scontrol requeue 4242" in calls
+    assert not (tmp_path / "jobs" / "4242" / "rank-lost-requeues").exists()  # preemptions are not counted
+
+
+@pytest.mark.parametrize("variant", ["per-node", "slurm"])
+@pytest.mark.parametrize("state,rc,message", [("PENDING", 0, "Slurm has already requeued job 4242"),
+                                              ("FAILED", 143, "scontrol requeue failed")])
+def test_batch_script_when_its_requeue_is_refused(variant, state, rc, message, tmp_path):
+    """After a node failure Slurm may cancel and requeue the job itself a moment before the script's own
+    `scontrol requeue`, which then fails: the script says so and exits 0; any other refusal is an error."""
+    proc, calls = run_batch_script(variant, tmp_path, "69 143", 143, requeue_rc=1, job_state=state)
+    assert proc.returncode == rc
+    assert message in proc.stdout + proc.stderr
