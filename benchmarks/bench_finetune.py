@@ -23,6 +23,11 @@ Stages (each writes WORK/<stage>.json when it finishes and is skipped when that 
                 S2_EPOCHS passes: the full pipeline stage 1 -> mine -> stage 2
   mine_r2, ours_hybrid_s2_r2  a second round: mined again with the ours_hybrid_long_s2 export, stage 2
                 continued from it for S2_EPOCHS more passes (ANCE-style re-mining)
+  mine_r3, ours_hybrid_s2_r3  a third round, the same way from the ours_hybrid_s2_r2 export
+  ours_hybrid_s2_r3_long  the third round's stage 2 again, abstracts at LONG_P_LEN tokens instead of P_LEN
+                (training, and search through the export's recorded length)
+  fusion_train  the last round's export scored with its hybrid BoW weight chosen on the training queries
+                (FUSION_FACTORS times the weight training calibrated at its start; best training NDCG@10)
 Results: benchmarks/results/finetune.csv (one row per stage and mode; `notes` holds the p-value of a paired
 sign-flip permutation test on per-query NDCG@10 against BM25 for each stage's own mode) and the stages' JSON in
 WORK.
@@ -47,7 +52,8 @@ COLUMNS = ["date", "machine", "commit", "stage", "system", "mode", "ndcg@10", "r
            "eval_s", "steps", "notes"]
 STAGES = ("bm25", "minilm", "pretrain", "ours_hybrid", "st_mnrl", "ours_dense", "mine", "ours_hybrid_s2",
           "ours_hybrid_long", "mine_long", "ours_hybrid_long_s2", "mine_r2",
-          "ours_hybrid_s2_r2")
+          "ours_hybrid_s2_r2", "mine_r3", "ours_hybrid_s2_r3", "ours_hybrid_s2_r3_long",
+          "fusion_train")
 
 # The fine-tuning recipe every row shares (what was cut to fit 2 CPU cores is said in benchmarks/README.md)
 EPOCHS = 1
@@ -55,9 +61,11 @@ QUERIES_PER_STEP = 32  # 2 ranks x 16
 GROUP = 2  # positive + 1 negative (random corpus document for stage 1, a mined one for stage 2)
 LR = 5e-5
 Q_LEN, P_LEN = 64, 160
+LONG_P_LEN = 256  # ours_hybrid_s2_r3_long
 PRETRAIN_STEPS = 60
 LONG_EPOCHS = 4  # ours_hybrid_long
 S2_EPOCHS = 2  # ours_hybrid_long_s2
+FUSION_FACTORS = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # fusion_train: multiples of the trained BoW weight
 
 
 def sh(cmd: list[str], log_path: Path, env: dict | None = None) -> None:
@@ -138,7 +146,8 @@ def main() -> int:
         return path
 
     def done(path, name, record):
-        record |= {"stage": name}
+        record |= {"stage": name, "date": benchutil.today(), "machine": benchutil.machine(),
+                   "commit": benchutil.commit()}
         path.write_text(json.dumps(record, indent=2))
         results[name] = record
         print(f"[bench] {name}: {json.dumps(record)}", file=sys.stderr, flush=True)
@@ -216,10 +225,12 @@ def main() -> int:
         done(p, "ours_hybrid_long", {"system": f"DupMAE† + stage 1 (hybrid), {LONG_EPOCHS} epochs", "mode": "hybrid",
                                      "rows": rows, "eval_s": secs, "train_s": train_seconds(run_dir),
                                      "steps": steps * LONG_EPOCHS})
-    # stage 1 (LONG_EPOCHS) -> [mine -> stage 2 continued (S2_EPOCHS)] x 2 rounds
+    # stage 1 (LONG_EPOCHS) -> [mine -> stage 2 continued (S2_EPOCHS)] x 3 rounds
     rounds = [("mine_long", "ours_hybrid_long", "ours_hybrid_long_s2", f"stage 1 ({LONG_EPOCHS} epochs) + mine + "
                f"stage 2 ({S2_EPOCHS} epochs, continued)"),
               ("mine_r2", "ours_hybrid_long_s2", "ours_hybrid_s2_r2", f"stage 1 ({LONG_EPOCHS} epochs) + 2 rounds of "
+               f"mine + stage 2 ({S2_EPOCHS} epochs each, continued)"),
+              ("mine_r3", "ours_hybrid_s2_r2", "ours_hybrid_s2_r3", f"stage 1 ({LONG_EPOCHS} epochs) + 3 rounds of "
                f"mine + stage 2 ({S2_EPOCHS} epochs each, continued)")]
     for mine_name, start, name, what in rounds:
         mined = work / f"mined_{start}.jsonl"
@@ -239,29 +250,74 @@ def main() -> int:
             done(p, name, {"system": f"DupMAE† + {what}", "mode": "hybrid", "rows": rows, "eval_s": secs,
                            "train_s": train_seconds(run_dir), "steps": steps * S2_EPOCHS})
 
+    # the third round again with abstracts read at LONG_P_LEN tokens instead of P_LEN, in training and at search
+    if p := stage("ours_hybrid_s2_r3_long"):
+        run_dir = work / "ours_hybrid_s2_r3_long"
+        launch(["finetune", "-c", REPO / "configs" / "finetune-scifact-cpu.toml",
+                *finetune_overrides(run_dir, str(work / "ours_hybrid_s2_r2.export"),
+                                    str(work / "mined_ours_hybrid_s2_r2.jsonl"), "hybrid", steps * S2_EPOCHS,
+                                    [f"data.passage_max_len={LONG_P_LEN}"])], log)
+        sh([BIN / "dupmae", "export", run_dir, work / "ours_hybrid_s2_r3_long.export", "--overwrite"], log)
+        rows, secs = evaluate_export(str(work / "ours_hybrid_s2_r3_long.export"), ("dense", "bow", "hybrid"), work)
+        done(p, "ours_hybrid_s2_r3_long", {
+            "system": f"DupMAE† + stage 1 ({LONG_EPOCHS} epochs) + 3 rounds of mine + stage 2 ({S2_EPOCHS} epochs "
+                      f"each, continued), the third with abstracts at {LONG_P_LEN} tokens (also at search)",
+            "mode": "hybrid", "rows": rows, "eval_s": secs, "train_s": train_seconds(run_dir),
+            "steps": steps * S2_EPOCHS})
+
+    # the hybrid's BoW weight chosen on the training queries instead of the one training calibrated at its start
+    if p := stage("fusion_train"):
+        from dupmae.engine.evaluate import model_bow_weight
+
+        final = rounds[-1][2]
+        export = work / f"{final}.export"
+        base = model_bow_weight(export)
+        sweep = {}
+        for factor in FUSION_FACTORS:
+            rep = evaluate(str(export), SCIFACT, "train", modes=("hybrid",), bm25=False, cache_dir=work / "cache",
+                           progress=False, bow_weight=base * factor)
+            sweep[factor] = rep["rows"]["hybrid"]["ndcg@10"]
+        best = max(sweep, key=lambda f: (sweep[f], -abs(f - 1.0)))
+        rows, secs = evaluate_export(str(export), ("hybrid",), work, bow_weight=base * best)
+        done(p, "fusion_train", {"system": f"{results[final]['system']}; hybrid with its BoW weight x{best:g} "
+                                           f"(chosen on the 809 training queries)", "mode": "hybrid", "rows": rows,
+                                 "eval_s": secs, "train_ndcg_by_factor": sweep, "factor": best,
+                                 "bow_weight": base * best, "export": final})
+
     # our rows against BM25, query by query: a paired sign-flip permutation test on NDCG@10 (computed once per
     # stage from the cached embeddings, kept in its JSON)
     if "bm25" in results:
         for name in STAGES:
             rec = results.get(name)
             export = work / f"{name}.export"
-            if not rec or rec.get("mode") not in ("dense", "hybrid") or not export.is_dir() or "p_vs_bm25" in rec:
+            if not rec or rec.get("mode") not in ("dense", "hybrid") or "p_vs_bm25" in rec:
+                continue
+            if rec.get("export"):  # a stage that re-scores another stage's export
+                export = work / f"{rec['export']}.export"
+            if not export.is_dir():
                 continue
             rep = evaluate(str(export), SCIFACT, "test", modes=(rec["mode"],), bm25=True, cache_dir=work / "cache",
-                           progress=False, per_query=True)
+                           progress=False, per_query=True, bow_weight=rec.get("bow_weight"))
             ours, bm25 = rep["per_query"][rec["mode"]], rep["per_query"]["bm25"]
             qids = sorted(bm25)
             rec["p_vs_bm25"] = benchutil.paired_permutation_p([ours[q]["ndcg@10"] for q in qids],
                                                               [bm25[q]["ndcg@10"] for q in qids])
             (work / f"{name}.json").write_text(json.dumps(rec, indent=2))
 
+    # one row per (stage, mode): a stage measured in an earlier invocation keeps the date, machine and commit it was
+    # measured with (its JSON's, else the CSV's row), and replaces its earlier row instead of being appended again
+    csv_path = REPO / "benchmarks" / "results" / "finetune.csv"
+    before = benchutil.last_rows(csv_path, ("stage", "mode"))
     table = []
     for name in STAGES:
         rec = results.get(name)
         if not rec:
             continue
         for mode, row in (rec.get("rows") or {"-": {}}).items():
-            table.append({"date": benchutil.today(), "machine": benchutil.machine(), "commit": benchutil.commit(),
+            old = before.get((name, mode), {})
+            when = {c: rec.get(c) or old.get(c) or now for c, now in
+                    (("date", benchutil.today()), ("machine", benchutil.machine()), ("commit", benchutil.commit()))}
+            table.append({**when,
                           "stage": name, "system": rec["system"], "mode": mode,
                           "ndcg@10": round(row.get("ndcg@10", float("nan")), 4) if row else "",
                           "recall@100": round(row.get("recall@100", float("nan")), 4) if row else "",
@@ -271,7 +327,7 @@ def main() -> int:
                           "notes": f"p vs BM25 {rec['p_vs_bm25']:.3g} (NDCG@10, paired sign-flip over queries)"
                           if mode == rec.get("mode") and "p_vs_bm25" in rec else ""})
     if table:
-        benchutil.append_rows(REPO / "benchmarks" / "results" / "finetune.csv", COLUMNS, table)
+        benchutil.replace_rows(csv_path, COLUMNS, table, key=("stage", "mode"))
         benchutil.print_table(table, ["stage", "mode", "ndcg@10", "recall@100", "train_s", "eval_s"])
     return 0
 

@@ -80,6 +80,47 @@ def append_rows(path: Path, columns: list[str], rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+def replace_rows(path: Path, columns: list[str], rows: list[dict], key: tuple[str, ...]) -> None:
+    """Write `rows` into the CSV at `path`, replacing the earlier rows with the same `key` columns (where the first
+    of them was, so the file keeps its order) instead of appending a second copy; other rows stay as they are."""
+    import csv
+
+    def k(row):
+        return tuple(str(row.get(c, "")) for c in key)
+
+    old = []
+    if path.is_file() and path.stat().st_size:
+        with path.open(newline="") as f:
+            old = list(csv.DictReader(f))
+    new = {k(r): r for r in rows}
+    out, placed = [], set()
+    for row in old:
+        if k(row) in new:
+            if k(row) not in placed:
+                out.append(new[k(row)])
+                placed.add(k(row))
+        else:
+            out.append(row)
+    out += [r for r in rows if k(r) not in placed and not placed.add(k(r))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(out)
+    tmp.replace(path)
+
+
+def last_rows(path: Path, key: tuple[str, ...]) -> dict[tuple, dict]:
+    """The last row of the CSV at `path` for each value of the `key` columns ({} when there is no file)."""
+    import csv
+
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as f:
+        return {tuple(r.get(c, "") for c in key): r for r in csv.DictReader(f)}
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     cells = [[str(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
