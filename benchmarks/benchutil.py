@@ -101,7 +101,10 @@ def replace_rows(path: Path, columns: list[str], rows: list[dict], key: tuple[st
                 placed.add(k(row))
         else:
             out.append(row)
-    out += [r for r in rows if k(r) not in placed and not placed.add(k(r))]
+    for row in rows:  # keys the file did not have yet, in the order given
+        if k(row) not in placed:
+            out.append(row)
+            placed.add(k(row))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", newline="") as f:
