@@ -252,7 +252,9 @@ def evaluate_model(model: Path, modes: tuple, max_length: int) -> dict:
 
 
 def run(args) -> None:
-    p = PRESETS[args.preset]
+    p = dict(PRESETS[args.preset])
+    if args.jobs:
+        p["jobs"] = args.jobs
     work = Path(args.work or REPO / "work" / f"pretraining-helps-{args.preset}")
     work.mkdir(parents=True, exist_ok=True)
     stages = Stages(work)
@@ -318,10 +320,8 @@ def run(args) -> None:
             sh([*DUPMAE, "prepare", target, "--out", shards, "--max-len", p["seq"], "--title-field", "",
                 "--overwrite", "--no-progress"], logf)
             stages.mark("target-shards", {})
-        for obj in ("mlm", "dupmae"):
+        def cont(obj):
             name = f"continue-{obj}"
-            if stages.done(name) is not None:
-                continue
             run_dir = work / "runs" / name
             recipe = work / f"{name}.toml"
             recipe.write_text(recipe_text(p, shards, run_dir, obj, p["cont_steps"], p["cont_micro"], p["cont_lr"],
@@ -331,6 +331,9 @@ def run(args) -> None:
             sh([*DUPMAE, "export", run_dir, work / "exports" / f"minilm+{obj}", "--overwrite"], logs / f"{name}.log")
             stages.mark(name, {"seconds": time.perf_counter() - t, "machine": machine_name(),
                                "metrics": str((run_dir / "metrics.jsonl").relative_to(work))})
+
+        in_parallel(p.get("jobs", 1), [lambda o=o: cont(o) for o in ("mlm", "dupmae")
+                                       if stages.done(f"continue-{o}") is None])
         tasks = []
         for seed in p["seeds"]:
             for start in CONTINUED:
@@ -513,6 +516,8 @@ def main() -> int:
     ap.add_argument("--work", default=None, help="work folder (default work/pretraining-helps-PRESET)")
     ap.add_argument("--data", default=None, help=f"folder holding scifact/ and cranfield/ (default {SHARED})")
     ap.add_argument("--report", action="store_true", help="only rebuild the CSV, table and plots")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="runs side by side (default: the preset's; on one GPU small runs leave it mostly idle)")
     ap.add_argument("--evaluate", default=None, help=argparse.SUPPRESS)  # one model: --modes, --max-length, --eval-out
     ap.add_argument("--modes", default="dense,bow,hybrid", help=argparse.SUPPRESS)
     ap.add_argument("--max-length", type=int, default=128, help=argparse.SUPPRESS)
