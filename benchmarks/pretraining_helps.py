@@ -482,22 +482,25 @@ def _plots(args, work: Path, groups: dict) -> None:
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for obj in OBJECTIVES:
-        m = work / "runs" / f"pretrain-{obj}" / "metrics.jsonl"
-        if Stages(work).done(f"pretrain-{obj}"):
-            m = work / Stages(work).done(f"pretrain-{obj}").get("metrics", m)
+    # the from-scratch pre-trainings, then the continued ones (MiniLM + objective) where they ran
+    runs = [(f"pretrain-{o}", o, o) for o in OBJECTIVES] + [(f"continue-{o}", o, f"MiniLM+{o}")
+                                                             for o in ("mlm", "dupmae")]
+    for name, obj, label in runs:
+        m = work / "runs" / name / "metrics.jsonl"
+        if Stages(work).done(name):
+            m = work / Stages(work).done(name).get("metrics", m)
         if not m.exists():
             continue
         rows = [json.loads(line) for line in m.read_text().splitlines()]
         train = [r for r in rows if "lr" in r]
-        axes[0].plot([r["step"] for r in train], [r["mlm"] for r in train], label=f"{obj}: L_mlm")
+        axes[0].plot([r["step"] for r in train], [r["mlm"] for r in train], label=f"{label}: L_mlm")
         if obj != "mlm":
-            axes[0].plot([r["step"] for r in train], [r["dec"] for r in train], "--", label=f"{obj}: L_dec")
+            axes[0].plot([r["step"] for r in train], [r["dec"] for r in train], "--", label=f"{label}: L_dec")
         if obj == "dupmae":
-            axes[0].plot([r["step"] for r in train], [r["bow"] for r in train], ":", label="dupmae: L_bow")
+            axes[0].plot([r["step"] for r in train], [r["bow"] for r in train], ":", label=f"{label}: L_bow")
         evals = [r for r in rows if "eval/mlm" in r]
         if evals:
-            axes[1].plot([r["step"] for r in evals], [r["eval/mlm_accuracy"] for r in evals], "o-", label=obj)
+            axes[1].plot([r["step"] for r in evals], [r["eval/mlm_accuracy"] for r in evals], "o-", label=label)
     axes[0].set_xlabel("pre-training step")
     axes[0].set_ylabel("training loss")
     axes[0].legend(fontsize=7)
