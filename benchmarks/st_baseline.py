@@ -122,7 +122,9 @@ def main() -> int:
             return Encoded(x.astype(np.float32), np.zeros((len(x), 0), np.int32), empty.reshape(len(x), 0), 1)
 
         s, i = search(enc(queries), enc(docs), "dense", k=100)
-        record["rows"] = {"dense": metrics(test.qrels, run_from_ranking(test, s, i))}
+        pq: dict = {}
+        record["rows"] = {"dense": metrics(test.qrels, run_from_ranking(test, s, i), per_query=pq)}
+        record["rows"]["dense"]["per_query_ndcg@10"] = {q: m["ndcg@10"] for q, m in pq.items()}
         record["eval_s"] = time.perf_counter() - t
     (out / "result.json").write_text(json.dumps(record, indent=2))
     print(json.dumps(record), file=sys.stderr)
