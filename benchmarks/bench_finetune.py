@@ -233,8 +233,8 @@ def main() -> int:
         rec["system"] += suffix
         done(p, name, rec)
 
-    def dense_row(p, name: str, n_steps: int, suffix: str = "", mode: str = "dense", extra=()) -> None:
-        """`dupmae finetune` on the shipped MiniLM, sentence-transformers' dense formulation, for `n_steps`
+    def shipped_row(p, name: str, n_steps: int, suffix: str = "", mode: str = "dense", extra=()) -> None:
+        """`dupmae finetune` on the shipped MiniLM (dense part in sentence-transformers' formulation) for `n_steps`
         (mode hybrid: plus the BoW part from a new MLM head)."""
         run_dir = work / name
         launch(["finetune", "-c", REPO / "configs" / "finetune-scifact-cpu.toml",
@@ -250,7 +250,7 @@ def main() -> int:
     if p := stage("st_mnrl"):
         st_row(p, "st_mnrl", steps)
     if p := stage("ours_dense"):
-        dense_row(p, "ours_dense", steps)
+        shipped_row(p, "ours_dense", steps)
     if p := stage("mine"):
         t = time.perf_counter()
         sh([*DUPMAE, "mine", "--model", work / "ours_hybrid.export", "--data", SCIFACT, "--out",
@@ -323,15 +323,15 @@ def main() -> int:
     if p := stage("st_mnrl_long"):
         st_row(p, "st_mnrl_long", steps * passes, f", {passes} epochs")
     if p := stage("ours_dense_long"):  # our dense row at the same budget: our trainer beside theirs again
-        dense_row(p, "ours_dense_long", steps * passes, f", {passes} epochs")
+        shipped_row(p, "ours_dense_long", steps * passes, f", {passes} epochs")
     if p := stage("shipped_hybrid_long"):  # the hybrid without continued pre-training, at that budget
-        dense_row(p, "shipped_hybrid_long", steps * passes, f", shipped MiniLM + new MLM head, {passes} epochs",
+        shipped_row(p, "shipped_hybrid_long", steps * passes, f", shipped MiniLM + new MLM head, {passes} epochs",
                   mode="hybrid")
     if p := stage("shipped_hybrid_long_kd"):  # the same with self-distillation of each part from the hybrid
-        dense_row(p, "shipped_hybrid_long_kd", steps * passes, f", shipped MiniLM + new MLM head, self-distillation, "
+        shipped_row(p, "shipped_hybrid_long_kd", steps * passes, f", shipped MiniLM + new MLM head, self-distillation, "
                   f"{passes} epochs", mode="hybrid", extra=["model.self_distill=true"])
     if p := stage("shipped_hybrid_long_lowbow"):  # the same with a smaller BoW weight, fixed, in training too
-        dense_row(p, "shipped_hybrid_long_lowbow", steps * passes, f", shipped MiniLM + new MLM head, BoW weight fixed "
+        shipped_row(p, "shipped_hybrid_long_lowbow", steps * passes, f", shipped MiniLM + new MLM head, BoW weight fixed "
                   f"at {LOW_BOW_WEIGHT:g}, {passes} epochs", mode="hybrid", extra=[f"model.bow_weight={LOW_BOW_WEIGHT}"])
 
     # the hybrid's BoW weight chosen on the training queries instead of the one training calibrated at its start
