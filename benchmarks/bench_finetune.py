@@ -44,6 +44,8 @@ Stages (each writes WORK/<stage>.json when it finishes and is skipped when that 
   shipped_hybrid_long_kd  the same with model.self_distill (each part also learns from the detached hybrid)
   shipped_hybrid_long_lowbow  shipped_hybrid_long with its BoW weight fixed at half the one it calibrated (LOW_BOW_WEIGHT),
                 so that the BoW part pulls the shared encoder less in training
+  shipped_hybrid_long_hybridonly  shipped_hybrid_long with the loss on the hybrid score only (model.part_loss_weight
+                = 0: no contrastive term of each part's own), so that neither part is pushed to rank alone
 Results: benchmarks/results/finetune.csv (one row per stage and mode; `notes` holds the p-value of a paired
 sign-flip permutation test on per-query NDCG@10 against BM25 for each stage's own mode) and the stages' JSON in
 WORK.
@@ -71,7 +73,7 @@ STAGES = ("bm25", "minilm", "pretrain", "ours_hybrid", "st_mnrl", "ours_dense", 
           "ours_hybrid_long", "mine_long", "ours_hybrid_long_s2", "mine_r2",
           "ours_hybrid_s2_r2", "mine_r3", "ours_hybrid_s2_r3", "ours_hybrid_s2_r3_long",
           "fusion_train", "st_mnrl_long", "ours_dense_long", "shipped_hybrid_long",
-          "shipped_hybrid_long_kd", "shipped_hybrid_long_lowbow")
+          "shipped_hybrid_long_kd", "shipped_hybrid_long_lowbow", "shipped_hybrid_long_hybridonly")
 
 # The fine-tuning recipe every row shares (what was cut to fit 2 CPU cores is said in benchmarks/README.md)
 EPOCHS = 1
@@ -333,6 +335,9 @@ def main() -> int:
     if p := stage("shipped_hybrid_long_lowbow"):  # the same with a smaller BoW weight, fixed, in training too
         shipped_row(p, "shipped_hybrid_long_lowbow", steps * passes, f", shipped MiniLM + new MLM head, BoW weight fixed "
                   f"at {LOW_BOW_WEIGHT:g}, {passes} epochs", mode="hybrid", extra=[f"model.bow_weight={LOW_BOW_WEIGHT}"])
+    if p := stage("shipped_hybrid_long_hybridonly"):  # the same with the loss on the hybrid score only
+        shipped_row(p, "shipped_hybrid_long_hybridonly", steps * passes, f", shipped MiniLM + new MLM head, loss on the "
+                  f"hybrid score only, {passes} epochs", mode="hybrid", extra=["model.part_loss_weight=0"])
 
     # the hybrid's BoW weight chosen on the training queries instead of the one training calibrated at its start
     if p := stage("fusion_train"):

@@ -84,7 +84,8 @@ def naive_loss(model: RetrieverTraining, b: dict) -> torch.Tensor:
     names = ("hybrid", "dense", "bow") if cfg.mode == "hybrid" else (cfg.mode,)
     for i in range(n_q):
         for name in names:
-            total = total - cfg.contrastive_weight * F.log_softmax(S[name][i] / tau, 0)[i * group]
+            weight = cfg.part_loss_weight if cfg.mode == "hybrid" and name != "hybrid" else 1.0
+            total = total - cfg.contrastive_weight * weight * F.log_softmax(S[name][i] / tau, 0)[i * group]
         if cfg.self_distill and cfg.mode == "hybrid":
             t = F.softmax(S["hybrid"][i].detach() / tau, 0)
             for name in ("dense", "bow"):
@@ -104,6 +105,8 @@ def naive_loss(model: RetrieverTraining, b: dict) -> torch.Tensor:
 @pytest.mark.parametrize("settings", [
     dict(mode="hybrid", self_distill=True, distill_weight=0.5, bow_top_k=7, temperature=0.7, bow_weight=0.3),
     dict(mode="hybrid", self_distill=False, bow_top_k=60, dense_dim=0, bow_flops_weight=0.01),
+    dict(mode="hybrid", part_loss_weight=0.0, bow_top_k=7, bow_weight=0.3),
+    dict(mode="hybrid", part_loss_weight=0.25, self_distill=True, bow_top_k=7, bow_weight=0.3),
     dict(mode="dense", dense_dim=5, distill_weight=1.0, contrastive_weight=0.0, teacher_temperature=2.0),
     dict(mode="bow", bow_top_k=4, bow_weight=0.2, bow_flops_weight=0.5),
 ])
@@ -246,3 +249,23 @@ def test_loss_parts_stay_on_the_device_until_the_trainer_reads_them(settings):
     assert float(out.parts["loss"]) == pytest.approx(float(out.loss.detach()), rel=1e-12)
     if settings["mode"] == "hybrid":
         assert 0.0 <= float(out.parts["bow_shared"]) <= 1.0
+
+
+@pytest.mark.parametrize("value", [-0.5, float("nan"), float("inf")])
+def test_a_bad_part_loss_weight_is_refused_by_name(value):
+    with pytest.raises(ValueError, match="model.part_loss_weight"):
+        RetrieverConfig(encoder="x", part_loss_weight=value).validate()
+
+
+def test_part_loss_weight_zero_trains_the_hybrid_score_only_and_still_logs_the_parts():
+    """With the parts' own terms off, the loss is the hybrid term alone; the parts' terms are still reported."""
+    base = dict(encoder="x", kernels="reference", mode="hybrid", bow_top_k=7, bow_weight=0.3)
+    b = batch(3, 2)
+    full = tiny_model(RetrieverConfig(**base))(b)
+    only = tiny_model(RetrieverConfig(**base, part_loss_weight=0.0))(b)
+    torch.testing.assert_close(only.loss, only.parts["hybrid"], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(full.loss, full.parts["hybrid"] + full.parts["dense"] + full.parts["bow"],
+                               rtol=1e-9, atol=1e-12)
+    for name in ("hybrid", "dense", "bow"):
+        torch.testing.assert_close(only.parts[name], full.parts[name], rtol=1e-9, atol=1e-12)
+    assert float(only.parts["dense"]) > 0 and float(only.parts["bow"]) > 0

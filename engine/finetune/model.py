@@ -9,7 +9,8 @@ queries (Tevatron's scheme; `tests/test_finetune.py` checks 2 ranks x b against 
 
 Losses (sums over queries, divided by the trainer's global query count; temperature tau):
     contrastive  CE(s / tau) with the positive as target, for the trained score and, in hybrid mode, for
-                 each part too: s_hybrid = s_dense + bow_weight * s_bow, s_dense, s_bow
+                 each part too: s_hybrid = s_dense + bow_weight * s_bow, s_dense, s_bow (the parts' terms
+                 weighted by model.part_loss_weight: 0 trains the hybrid score only; the parts are still logged)
     self_kd      (model.self_distill, hybrid mode) KL(softmax(s_hybrid.detach() / tau) || softmax(s_part / tau))
                  for the dense and the BoW part: BGE-M3's unified fine-tuning
     teacher_kd   (model.distill_weight > 0, data with teacher scores) KL(softmax(t / tau_t) || softmax(s / tau))
@@ -53,6 +54,7 @@ class RetrieverConfig:
     self_distill: bool = False  # hybrid mode: each part also learns from the detached hybrid score
     distill_weight: float = 0.0  # stage 3: weight of the KL to the data's teacher scores
     contrastive_weight: float = 1.0
+    part_loss_weight: float = 1.0  # hybrid mode: weight of each part's own contrastive term (0: the hybrid score only)
     teacher_temperature: float = 1.0
     shared_id_threshold: float = 0.9  # a document id kept by at least this share of the batch's documents is "shared"
     kernels: str = "auto"
@@ -76,6 +78,8 @@ class RetrieverConfig:
             raise ValueError("model.bow_weight (0: calibrated) and model.bow_flops_weight must be >= 0")
         if self.distill_weight < 0 or self.contrastive_weight < 0 or self.distill_weight + self.contrastive_weight == 0:
             raise ValueError("model.distill_weight and model.contrastive_weight must be >= 0, not both 0")
+        if not (self.part_loss_weight >= 0 and math.isfinite(self.part_loss_weight)):
+            raise ValueError(f"model.part_loss_weight must be a finite number >= 0, got {self.part_loss_weight!r}")
 
     def part_names(self) -> tuple[str, ...]:
         """The logged loss parts ("loss" first) and statistics, fixed by the recipe."""
@@ -252,7 +256,8 @@ class RetrieverTraining(nn.Module):
         terms = {}
         for name in (("hybrid", "dense", "bow") if cfg.mode == "hybrid" else (cfg.mode,)):
             terms[name] = F.cross_entropy(s[name] / tau, target, reduction="sum")
-        loss = cfg.contrastive_weight * sum(terms.values())
+        weight = {"dense": cfg.part_loss_weight, "bow": cfg.part_loss_weight} if cfg.mode == "hybrid" else {}
+        loss = cfg.contrastive_weight * sum(weight.get(k, 1.0) * v for k, v in terms.items())
         if cfg.self_distill and cfg.mode == "hybrid":
             t = s["hybrid"].detach() / tau
             terms["self_kd"] = _kl(t, s["dense"] / tau) + _kl(t, s["bow"] / tau)
