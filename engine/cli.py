@@ -187,7 +187,26 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     code = _main(args)
     _record_exit(args, code)
+    if argv is None and args.command in ("pretrain", "finetune"):
+        _exit_now(code)
     return code
+
+
+def _exit_now(code: int) -> None:
+    """End a training process with `code` (75 preempted, 69 rank lost, ...: what the batch scripts requeue on)
+    without the interpreter's teardown. The run is saved and the process group ended by then; what teardown
+    still does is destroy C++ objects of torch, gloo and DeepSpeed in no fixed order, and that can abort
+    ("terminate called without an active exception"): on CI a 2-rank job stopped by USR1 exited 250 instead of
+    75 that way, after its checkpoint was complete, and a batch script would not have requeued it."""
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _record_exit(args, code: int) -> None:
