@@ -25,7 +25,16 @@ WORDNET_COPIES = 5  # 4.8 MB per copy -> 24 MB
 
 
 def machine() -> str:
-    return f"{platform.node()} {os.cpu_count()}cpu"
+    """Host name and core count, and the GPU where one is used (rows from a GPU and from the CPU differ)."""
+    name = f"{platform.node()} {os.cpu_count()}cpu"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            name += f", {torch.cuda.get_device_name()}"
+    except ImportError:
+        pass
+    return name
 
 
 def commit() -> str:
