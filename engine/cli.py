@@ -200,6 +200,9 @@ def _exit_now(code: int) -> None:
     75 that way, after its checkpoint was complete, and a batch script would not have requeued it."""
     import logging
 
+    mpi = sys.modules.get("mpi4py.MPI")  # started under mpirun (mpi4py discovery): mpirun counts a rank that
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():  # ends without finalize as failed
+        mpi.Finalize()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
