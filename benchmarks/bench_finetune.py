@@ -46,6 +46,10 @@ Stages (each writes WORK/<stage>.json when it finishes and is skipped when that 
                 so that the BoW part pulls the shared encoder less in training
   shipped_hybrid_long_hybridonly  shipped_hybrid_long with the loss on the hybrid score only (model.part_loss_weight
                 = 0: no contrastive term of each part's own), so that neither part is pushed to rank alone
+  shipped_hybrid_long_bowgrad0, _bowgrad01, _bowgrad03  shipped_hybrid_long with model.bow_encoder_grad = 0, 0.1, 0.3:
+                that share of the BoW part's gradient reaches the shared encoder and the tied word embeddings (0: the
+                BoW part trains its head's transform and bias only, the encoder learns from the dense path alone)
+  shipped_hybrid_long_bowgrad0_hybridonly  both: bow_encoder_grad = 0 and part_loss_weight = 0
 Results: benchmarks/results/finetune.csv (one row per stage and mode; `notes` holds the p-value of a paired
 sign-flip permutation test on per-query NDCG@10 against BM25 for each stage's own mode) and the stages' JSON in
 WORK.
@@ -73,7 +77,9 @@ STAGES = ("bm25", "minilm", "pretrain", "ours_hybrid", "st_mnrl", "ours_dense", 
           "ours_hybrid_long", "mine_long", "ours_hybrid_long_s2", "mine_r2",
           "ours_hybrid_s2_r2", "mine_r3", "ours_hybrid_s2_r3", "ours_hybrid_s2_r3_long",
           "fusion_train", "st_mnrl_long", "ours_dense_long", "shipped_hybrid_long",
-          "shipped_hybrid_long_kd", "shipped_hybrid_long_lowbow", "shipped_hybrid_long_hybridonly")
+          "shipped_hybrid_long_kd", "shipped_hybrid_long_lowbow", "shipped_hybrid_long_hybridonly",
+          "shipped_hybrid_long_bowgrad0", "shipped_hybrid_long_bowgrad01", "shipped_hybrid_long_bowgrad03",
+          "shipped_hybrid_long_bowgrad0_hybridonly")
 
 # The fine-tuning recipe every row shares (what was cut to fit 2 CPU cores is said in benchmarks/README.md)
 EPOCHS = 1
@@ -88,6 +94,7 @@ LONG_P_LEN = 256  # ours_hybrid_s2_r3_long
 PRETRAIN_STEPS = 60
 LONG_EPOCHS = 4  # ours_hybrid_long
 S2_EPOCHS = 2  # ours_hybrid_long_s2
+BOW_ENCODER_GRADS = (0.0, 0.1, 0.3)  # shipped_hybrid_long_bowgrad*: model.bow_encoder_grad
 LOW_BOW_WEIGHT = 1.1e-4  # shipped_hybrid_long_lowbow: half of shipped_hybrid_long's calibrated 2.17e-4
 FUSION_FACTORS = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # fusion_train: multiples of the trained BoW weight
 
@@ -338,6 +345,15 @@ def main() -> int:
     if p := stage("shipped_hybrid_long_hybridonly"):  # the same with the loss on the hybrid score only
         shipped_row(p, "shipped_hybrid_long_hybridonly", steps * passes, f", shipped MiniLM + new MLM head, loss on the "
                   f"hybrid score only, {passes} epochs", mode="hybrid", extra=["model.part_loss_weight=0"])
+    for share in BOW_ENCODER_GRADS:  # the same with only a share of the BoW part's gradient reaching the encoder
+        name = f"shipped_hybrid_long_bowgrad{share:g}".replace(".", "")
+        if p := stage(name):
+            shipped_row(p, name, steps * passes, f", shipped MiniLM + new MLM head, BoW gradient into the encoder "
+                        f"x{share:g}, {passes} epochs", mode="hybrid", extra=[f"model.bow_encoder_grad={share}"])
+    if p := stage("shipped_hybrid_long_bowgrad0_hybridonly"):  # both: the encoder learns from the dense path only
+        shipped_row(p, "shipped_hybrid_long_bowgrad0_hybridonly", steps * passes, f", shipped MiniLM + new MLM head, "
+                    f"BoW gradient into the encoder x0, loss on the hybrid score only, {passes} epochs", mode="hybrid",
+                    extra=["model.bow_encoder_grad=0", "model.part_loss_weight=0"])
 
     # the hybrid's BoW weight chosen on the training queries instead of the one training calibrated at its start
     if p := stage("fusion_train"):

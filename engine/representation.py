@@ -57,6 +57,23 @@ def scores(q_dense, q_mu, d_dense, d_mu_kept, mode: str = "hybrid", bow_weight: 
     return q_dense @ d_dense.t() + bow_weight * bow
 
 
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x itself in the forward pass; its gradient multiplied by `scale` in the backward pass (0: none reaches x).
+    A function rather than `x.detach()`, so that the graph still reaches a ZeRO-3 parameter the same way."""
+    return _ScaleGrad.apply(x, float(scale))
+
+
 class Represented(NamedTuple):
     """A NamedTuple, not a dataclass: DeepSpeed's ZeRO-3 hooks only see tensors inside tuples, lists and dicts,
     and must see these to gather the tied MLM weight again when backward reaches the max-pool."""
@@ -71,7 +88,7 @@ class Retriever(nn.Module):
     computing only what `modes` need (a dense-only call never projects onto the vocabulary)."""
 
     def __init__(self, lm, dense_dim: int = 384, pooling: str = "cls", normalize: bool = False,
-                 kernels_impl: str = "auto"):
+                 kernels_impl: str = "auto", bow_encoder_grad: float = 1.0):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
@@ -81,6 +98,9 @@ class Retriever(nn.Module):
         self.pooling = pooling
         self.normalize = normalize
         self.kernels_impl = kernels_impl
+        # training only: the share of the BoW part's gradient that reaches the shared encoder and the tied word
+        # embeddings (the values computed are the same for every setting; see scale_grad)
+        self.bow_encoder_grad = float(bow_encoder_grad)
         hidden = int(lm.config.hidden_size)
         self.w_cls = nn.Linear(hidden, dense_dim, bias=False) if dense_dim else None
         if self.w_cls is not None:
@@ -127,6 +147,8 @@ class Retriever(nn.Module):
                 dense = nn.functional.normalize(dense, dim=-1)
         if "bow" in modes:
             transform, weight, bias = self._head()
+            if self.bow_encoder_grad != 1.0 and torch.is_grad_enabled():
+                hidden, weight = (scale_grad(t, self.bow_encoder_grad) for t in (hidden, weight))
             mu, _ = kernels.bow_max_pool(transform(hidden), weight, bias, bow_positions(attention_mask),
                                          impl=self.kernels_impl)
         return Represented(dense, mu, int(attention_mask.sum()))

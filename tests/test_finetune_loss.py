@@ -24,7 +24,7 @@ def tiny_model(cfg: RetrieverConfig, seed: int = 0, dtype=torch.float64) -> Retr
     torch.manual_seed(seed)
     lm = BertForMaskedLM(BertConfig(**CFG))
     lm.tie_weights()
-    retriever = Retriever(lm, cfg.dense_dim, cfg.pooling, cfg.normalize, "reference")
+    retriever = Retriever(lm, cfg.dense_dim, cfg.pooling, cfg.normalize, "reference", cfg.bow_encoder_grad)
     if retriever.w_cls is not None:
         torch.nn.init.normal_(retriever.w_cls.weight, std=0.3)
     with torch.no_grad():  # a non-zero MLM bias, so that the test sees it
@@ -58,6 +58,12 @@ def naive_loss(model: RetrieverTraining, b: dict) -> torch.Tensor:
         h = lm.bert(input_ids=ids, attention_mask=mask).last_hidden_state
         dense = h[:, 0] if r.w_cls is None else h[:, 0] @ r.w_cls.weight.t()
         logits = lm.cls(h)  # B x L x V
+        if cfg.bow_encoder_grad != 1.0:  # the same values; the gradient into h and the tied weight scaled
+            s = cfg.bow_encoder_grad
+            hb = h.detach() + s * (h - h.detach())
+            w = lm.cls.predictions.decoder.weight
+            wb = w.detach() + s * (w - w.detach())
+            logits = lm.cls.predictions.transform(hb) @ wb.t() + lm.cls.predictions.bias
         mus = []
         for i in range(len(ids)):
             n = int(mask[i].sum())
@@ -107,6 +113,8 @@ def naive_loss(model: RetrieverTraining, b: dict) -> torch.Tensor:
     dict(mode="hybrid", self_distill=False, bow_top_k=60, dense_dim=0, bow_flops_weight=0.01),
     dict(mode="hybrid", part_loss_weight=0.0, bow_top_k=7, bow_weight=0.3),
     dict(mode="hybrid", part_loss_weight=0.25, self_distill=True, bow_top_k=7, bow_weight=0.3),
+    dict(mode="hybrid", bow_encoder_grad=0.0, bow_top_k=7, bow_weight=0.3),
+    dict(mode="hybrid", bow_encoder_grad=0.3, part_loss_weight=0.5, self_distill=True, bow_top_k=7, bow_weight=0.3),
     dict(mode="dense", dense_dim=5, distill_weight=1.0, contrastive_weight=0.0, teacher_temperature=2.0),
     dict(mode="bow", bow_top_k=4, bow_weight=0.2, bow_flops_weight=0.5),
 ])
@@ -272,3 +280,34 @@ def test_part_loss_weight_zero_trains_the_hybrid_score_only_and_still_logs_the_p
     for name in ("hybrid", "dense", "bow"):
         torch.testing.assert_close(only.parts[name], full.parts[name], rtol=1e-9, atol=1e-12)
     assert float(only.parts["dense"]) > 0 and float(only.parts["bow"]) > 0
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])
+def test_a_bad_bow_encoder_grad_is_refused_by_name(value):
+    with pytest.raises(ValueError, match="model.bow_encoder_grad"):
+        RetrieverConfig(encoder="x", bow_encoder_grad=value).validate()
+
+
+@pytest.mark.parametrize("share", [0.0, 0.25])
+def test_bow_encoder_grad_scales_what_the_bow_part_sends_into_the_encoder_only(share):
+    """BoW mode: the loss is the same; the head's transform and bias get the full gradient; every encoder weight
+    and the tied word embeddings get `share` of it (0: the encoder does not move)."""
+    base = dict(encoder="x", kernels="reference", mode="bow", bow_top_k=7, bow_weight=0.3)
+    b = batch(3, 2)
+    full, part = tiny_model(RetrieverConfig(**base)), tiny_model(RetrieverConfig(**base, bow_encoder_grad=share))
+    lf, lp = full(b).loss, part(b).loss
+    torch.testing.assert_close(lp, lf, rtol=0, atol=0)
+    lf.backward()
+    lp.backward()
+    grads = dict(full.named_parameters())
+    checked = 0
+    for name, p in part.named_parameters():
+        g = grads[name].grad
+        if g is None:
+            assert p.grad is None or not p.grad.any(), name
+            continue
+        head = ".transform." in name or name.endswith("cls.predictions.bias")  # the head's own weights
+        expected = g if head else share * g
+        torch.testing.assert_close(p.grad, expected, rtol=1e-9, atol=1e-12, msg=name)
+        checked += 1 if not head and g.abs().max() > 0 else 0
+    assert checked > 5  # encoder weights with a non-zero gradient were compared

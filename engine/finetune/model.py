@@ -55,6 +55,8 @@ class RetrieverConfig:
     distill_weight: float = 0.0  # stage 3: weight of the KL to the data's teacher scores
     contrastive_weight: float = 1.0
     part_loss_weight: float = 1.0  # hybrid mode: weight of each part's own contrastive term (0: the hybrid score only)
+    bow_encoder_grad: float = 1.0  # share of the BoW part's gradient that reaches the shared encoder and the tied word
+    # embeddings (1: all; 0: only the MLM head's transform and bias learn from it, the encoder trains as in dense mode)
     teacher_temperature: float = 1.0
     shared_id_threshold: float = 0.9  # a document id kept by at least this share of the batch's documents is "shared"
     kernels: str = "auto"
@@ -80,6 +82,8 @@ class RetrieverConfig:
             raise ValueError("model.distill_weight and model.contrastive_weight must be >= 0, not both 0")
         if not (self.part_loss_weight >= 0 and math.isfinite(self.part_loss_weight)):
             raise ValueError(f"model.part_loss_weight must be a finite number >= 0, got {self.part_loss_weight!r}")
+        if not (0 <= self.bow_encoder_grad <= 1):
+            raise ValueError(f"model.bow_encoder_grad must be between 0 and 1, got {self.bow_encoder_grad!r}")
 
     def part_names(self) -> tuple[str, ...]:
         """The logged loss parts ("loss" first) and statistics, fixed by the recipe."""

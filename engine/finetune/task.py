@@ -99,7 +99,7 @@ def build_retriever(cfg: RetrieverConfig):
     from dupmae.data_pipeline.tokenizer import resolve_tokenizer_path
 
     lm = load_masked_lm(ModelConfig(encoder=cfg.encoder))
-    retriever = Retriever(lm, cfg.dense_dim, cfg.pooling, cfg.normalize, cfg.kernels)
+    retriever = Retriever(lm, cfg.dense_dim, cfg.pooling, cfg.normalize, cfg.kernels, cfg.bow_encoder_grad)
     folder = resolve_tokenizer_path(cfg.encoder)
     if load_projection(folder, retriever) and retriever.dense_dim != (cfg.dense_dim or lm.config.hidden_size):
         raise ConfigError(f"{folder} holds a W_cls of {retriever.dense_dim} dimensions; model.dense_dim is "
