@@ -22,6 +22,8 @@ the dense part at the start (`bow_to_dense` in the logs), so bow_weight scales i
 by default (0) it is calibrated before the first step so that both parts start with the same spread (measured
 on WordNet, 24 steps from the demo export: dev NDCG@10 0.021 with the paper's 1.0, 0.353 with 0.02).
 Documents keep their top-k of mu inside this forward (what is trained is what is served).
+model.bow_encoder_grad scales the gradient every BoW term sends into the shared encoder and the tied word
+embeddings (engine/representation.scale_grad); the head's transform and bias always get all of it.
 """
 from __future__ import annotations
 
