@@ -50,6 +50,11 @@ Stages (each writes WORK/<stage>.json when it finishes and is skipped when that 
                 that share of the BoW part's gradient reaches the shared encoder and the tied word embeddings (0: the
                 BoW part trains its head's transform and bias only, the encoder learns from the dense path alone)
   shipped_hybrid_long_bowgrad0_hybridonly  both: bow_encoder_grad = 0 and part_loss_weight = 0
+  shipped_hybrid_long_apart  the parts trained apart: model.hybrid_loss_weight = 0 and bow_encoder_grad = 0 (the
+                encoder and W_cls train exactly as in ours_dense_long, the BoW head's transform and bias on the BoW
+                part's own term), served as the hybrid with the BoW weight calibrated at the start
+  shipped_hybrid_long_apart_fusion  its export scored with the BoW weight chosen on the training queries, as
+                fusion_train does (the hybrid score was never trained, so the start's weight may not be the best)
 Results: benchmarks/results/finetune.csv (one row per stage and mode; `notes` holds the p-value of a paired
 sign-flip permutation test on per-query NDCG@10 against BM25 for each stage's own mode) and the stages' JSON in
 WORK.
@@ -79,7 +84,7 @@ STAGES = ("bm25", "minilm", "pretrain", "ours_hybrid", "st_mnrl", "ours_dense", 
           "fusion_train", "st_mnrl_long", "ours_dense_long", "shipped_hybrid_long",
           "shipped_hybrid_long_kd", "shipped_hybrid_long_lowbow", "shipped_hybrid_long_hybridonly",
           "shipped_hybrid_long_bowgrad0", "shipped_hybrid_long_bowgrad01", "shipped_hybrid_long_bowgrad03",
-          "shipped_hybrid_long_bowgrad0_hybridonly")
+          "shipped_hybrid_long_bowgrad0_hybridonly", "shipped_hybrid_long_apart", "shipped_hybrid_long_apart_fusion")
 
 # The fine-tuning recipe every row shares (what was cut to fit 2 CPU cores is said in benchmarks/README.md)
 EPOCHS = 1
@@ -97,6 +102,8 @@ S2_EPOCHS = 2  # ours_hybrid_long_s2
 BOW_ENCODER_GRADS = (0.0, 0.1, 0.3)  # shipped_hybrid_long_bowgrad*: model.bow_encoder_grad
 LOW_BOW_WEIGHT = 1.1e-4  # shipped_hybrid_long_lowbow: half of shipped_hybrid_long's calibrated 2.17e-4
 FUSION_FACTORS = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # fusion_train: multiples of the trained BoW weight
+APART_FUSION_FACTORS = (0.125, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)  # shipped_hybrid_long_apart_fusion (on one CPU
+# export with the parts trained together, the training claims preferred the smallest of FUSION_FACTORS)
 
 
 def sh(cmd: list[str], log_path: Path, env: dict | None = None) -> None:
@@ -354,25 +361,35 @@ def main() -> int:
         shipped_row(p, "shipped_hybrid_long_bowgrad0_hybridonly", steps * passes, f", shipped MiniLM + new MLM head, "
                     f"BoW gradient into the encoder x0, loss on the hybrid score only, {passes} epochs", mode="hybrid",
                     extra=["model.bow_encoder_grad=0", "model.part_loss_weight=0"])
+    if p := stage("shipped_hybrid_long_apart"):  # the parts trained apart: the encoder as in ours_dense_long
+        shipped_row(p, "shipped_hybrid_long_apart", steps * passes, f", shipped MiniLM + new MLM head, parts trained "
+                    f"apart (no hybrid term, BoW gradient into the encoder x0), {passes} epochs", mode="hybrid",
+                    extra=["model.bow_encoder_grad=0", "model.hybrid_loss_weight=0"])
 
     # the hybrid's BoW weight chosen on the training queries instead of the one training calibrated at its start
-    if p := stage("fusion_train"):
+    def fusion_row(p, name: str, source: str, factors=FUSION_FACTORS) -> None:
+        """`source`'s export scored as the hybrid with its BoW weight chosen on the training queries: the
+        multiple of the weight training calibrated at its start (`factors`) with the best training NDCG@10."""
         from dupmae.engine.evaluate import model_bow_weight
 
-        final = rounds[-1][2]
-        export = work / f"{final}.export"
+        export = work / f"{source}.export"
         base = model_bow_weight(export)
         sweep = {}
-        for factor in FUSION_FACTORS:
+        for factor in factors:
             rep = evaluate(str(export), SCIFACT, "train", modes=("hybrid",), bm25=False, cache_dir=work / "cache",
                            progress=False, bow_weight=base * factor)
             sweep[factor] = rep["rows"]["hybrid"]["ndcg@10"]
         best = max(sweep, key=lambda f: (sweep[f], -abs(f - 1.0)))
         rows, secs = evaluate_export(str(export), ("hybrid",), work, bow_weight=base * best)
-        done(p, "fusion_train", {"system": f"{results[final]['system']}; hybrid with its BoW weight x{best:g} "
-                                           f"(chosen on the 809 training queries)", "mode": "hybrid", "rows": rows,
-                                 "eval_s": secs, "train_ndcg_by_factor": sweep, "factor": best,
-                                 "bow_weight": base * best, "export": final})
+        done(p, name, {"system": f"{results[source]['system']}; hybrid with its BoW weight x{best:g} "
+                                 f"(chosen on the 809 training queries)", "mode": "hybrid", "rows": rows,
+                       "eval_s": secs, "train_ndcg_by_factor": sweep, "factor": best, "bow_weight": base * best,
+                       "export": source})
+
+    if p := stage("fusion_train"):
+        fusion_row(p, "fusion_train", rounds[-1][2])
+    if p := stage("shipped_hybrid_long_apart_fusion"):
+        fusion_row(p, "shipped_hybrid_long_apart_fusion", "shipped_hybrid_long_apart", APART_FUSION_FACTORS)
 
     # our rows against BM25, query by query: a paired sign-flip permutation test on NDCG@10 (computed once per
     # stage from the cached embeddings, kept in its JSON)

@@ -158,14 +158,15 @@ def test_resume_is_exact_with_dropout(tmp_path, tiny_beir, tiny_encoder, one_ran
     assert a == b  # bit-exact: data, groups, dropout and the cached chunks' RNG replay all resume
 
 
-@pytest.mark.parametrize("bow_encoder_grad", [1.0, 0.3])
-def test_gradient_caching_equals_the_plain_loss(tmp_path, tiny_beir, no_dropout_encoder, one_rank, bow_encoder_grad):
-    """Also with model.bow_encoder_grad < 1: the cached chunks re-encode through the same scaled BoW path."""
+@pytest.mark.parametrize("model", [{}, {"bow_encoder_grad": 0.3}, {"bow_encoder_grad": 0.0, "hybrid_loss_weight": 0.0}])
+def test_gradient_caching_equals_the_plain_loss(tmp_path, tiny_beir, no_dropout_encoder, one_rank, model):
+    """Also with model.bow_encoder_grad < 1 (the cached chunks re-encode through the same scaled BoW path) and with
+    the parts trained apart (no hybrid term)."""
     out = {}
     for chunk in (0, 3):
         run_dir = tmp_path / f"chunk{chunk}"
         recipe = write_recipe(tmp_path / f"c{chunk}.toml", run_dir, no_dropout_encoder, tiny_beir, dropout=False,
-                              model={"bow_encoder_grad": bow_encoder_grad},
+                              model=model,
                               data={"group_size": 3}, train={"max_steps": 5, "grad_cache_chunk": chunk})
         assert run(recipe) == 0
         out[chunk] = records(run_dir)

@@ -90,7 +90,9 @@ def naive_loss(model: RetrieverTraining, b: dict) -> torch.Tensor:
     names = ("hybrid", "dense", "bow") if cfg.mode == "hybrid" else (cfg.mode,)
     for i in range(n_q):
         for name in names:
-            weight = cfg.part_loss_weight if cfg.mode == "hybrid" and name != "hybrid" else 1.0
+            weight = 1.0
+            if cfg.mode == "hybrid":
+                weight = cfg.hybrid_loss_weight if name == "hybrid" else cfg.part_loss_weight
             total = total - cfg.contrastive_weight * weight * F.log_softmax(S[name][i] / tau, 0)[i * group]
         if cfg.self_distill and cfg.mode == "hybrid":
             t = F.softmax(S["hybrid"][i].detach() / tau, 0)
@@ -115,6 +117,8 @@ def naive_loss(model: RetrieverTraining, b: dict) -> torch.Tensor:
     dict(mode="hybrid", part_loss_weight=0.25, self_distill=True, bow_top_k=7, bow_weight=0.3),
     dict(mode="hybrid", bow_encoder_grad=0.0, bow_top_k=7, bow_weight=0.3),
     dict(mode="hybrid", bow_encoder_grad=0.3, part_loss_weight=0.5, self_distill=True, bow_top_k=7, bow_weight=0.3),
+    dict(mode="hybrid", hybrid_loss_weight=0.0, bow_encoder_grad=0.0, bow_top_k=7, bow_weight=0.3),
+    dict(mode="hybrid", hybrid_loss_weight=0.4, part_loss_weight=2.0, self_distill=True, bow_top_k=7, bow_weight=0.3),
     dict(mode="dense", dense_dim=5, distill_weight=1.0, contrastive_weight=0.0, teacher_temperature=2.0),
     dict(mode="bow", bow_top_k=4, bow_weight=0.2, bow_flops_weight=0.5),
 ])
@@ -280,6 +284,49 @@ def test_part_loss_weight_zero_trains_the_hybrid_score_only_and_still_logs_the_p
     for name in ("hybrid", "dense", "bow"):
         torch.testing.assert_close(only.parts[name], full.parts[name], rtol=1e-9, atol=1e-12)
     assert float(only.parts["dense"]) > 0 and float(only.parts["bow"]) > 0
+
+
+@pytest.mark.parametrize("value", [-0.5, float("nan"), float("inf")])
+def test_a_bad_hybrid_loss_weight_is_refused_by_name(value):
+    with pytest.raises(ValueError, match="model.hybrid_loss_weight"):
+        RetrieverConfig(encoder="x", hybrid_loss_weight=value).validate()
+
+
+def test_hybrid_and_part_loss_weights_both_zero_are_refused_unless_something_else_trains():
+    with pytest.raises(ValueError, match="hybrid_loss_weight and model.part_loss_weight are both 0"):
+        RetrieverConfig(encoder="x", hybrid_loss_weight=0.0, part_loss_weight=0.0).validate()
+    RetrieverConfig(encoder="x", hybrid_loss_weight=0.0, part_loss_weight=0.0, self_distill=True).validate()
+    RetrieverConfig(encoder="x", mode="dense", hybrid_loss_weight=0.0, part_loss_weight=0.0).validate()
+
+
+def test_parts_trained_apart_leave_the_encoder_training_exactly_as_in_dense_mode():
+    """hybrid_loss_weight = 0 and bow_encoder_grad = 0: every encoder weight (the tied word embeddings included)
+    and W_cls get exactly the gradient of a dense-mode run from the same weights and batch; the MLM head's
+    transform and bias learn from the BoW part's own term; the hybrid term is still logged."""
+    b = batch(3, 2)
+    common = dict(encoder="x", kernels="reference", bow_top_k=7, bow_weight=0.3)
+    apart = tiny_model(RetrieverConfig(**common, mode="hybrid", hybrid_loss_weight=0.0, bow_encoder_grad=0.0))
+    dense = tiny_model(RetrieverConfig(**common, mode="dense"))
+    out_a, out_d = apart(b), dense(b)
+    torch.testing.assert_close(out_a.loss, out_a.parts["dense"] + out_a.parts["bow"], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(out_a.parts["dense"], out_d.loss, rtol=1e-9, atol=1e-12)
+    assert float(out_a.parts["hybrid"]) > 0
+    out_a.loss.backward()
+    out_d.loss.backward()
+    grads = dict(dense.named_parameters())
+    compared = head = 0
+    for name, p in apart.named_parameters():
+        if ".transform." in name or name.endswith("cls.predictions.bias"):
+            assert p.grad is not None and p.grad.abs().max() > 0, name  # the BoW part's own term trains the head
+            head += 1
+            continue
+        g = grads[name].grad
+        if g is None:
+            assert p.grad is None or not p.grad.any(), name
+            continue
+        torch.testing.assert_close(p.grad, g, rtol=1e-9, atol=1e-12, msg=name)
+        compared += 1 if g.abs().max() > 0 else 0
+    assert compared > 5 and head >= 3
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])

@@ -9,8 +9,9 @@ queries (Tevatron's scheme; `tests/test_finetune.py` checks 2 ranks x b against 
 
 Losses (sums over queries, divided by the trainer's global query count; temperature tau):
     contrastive  CE(s / tau) with the positive as target, for the trained score and, in hybrid mode, for
-                 each part too: s_hybrid = s_dense + bow_weight * s_bow, s_dense, s_bow (the parts' terms
-                 weighted by model.part_loss_weight: 0 trains the hybrid score only; the parts are still logged)
+                 each part too: s_hybrid = s_dense + bow_weight * s_bow, s_dense, s_bow (the hybrid term
+                 weighted by model.hybrid_loss_weight, the parts' terms by model.part_loss_weight: 0 trains the
+                 hybrid score only; hybrid_loss_weight = 0 trains each part on its own; every term is logged)
     self_kd      (model.self_distill, hybrid mode) KL(softmax(s_hybrid.detach() / tau) || softmax(s_part / tau))
                  for the dense and the BoW part: BGE-M3's unified fine-tuning
     teacher_kd   (model.distill_weight > 0, data with teacher scores) KL(softmax(t / tau_t) || softmax(s / tau))
@@ -57,6 +58,8 @@ class RetrieverConfig:
     distill_weight: float = 0.0  # stage 3: weight of the KL to the data's teacher scores
     contrastive_weight: float = 1.0
     part_loss_weight: float = 1.0  # hybrid mode: weight of each part's own contrastive term (0: the hybrid score only)
+    hybrid_loss_weight: float = 1.0  # hybrid mode: weight of the hybrid score's contrastive term (0: each part learns
+    # only from its own term; with bow_encoder_grad = 0 the encoder then trains exactly as in dense mode)
     bow_encoder_grad: float = 1.0  # share of the BoW part's gradient that reaches the shared encoder and the tied word
     # embeddings (1: all; 0: only the MLM head's transform and bias learn from it, the encoder trains as in dense mode)
     teacher_temperature: float = 1.0
@@ -84,6 +87,11 @@ class RetrieverConfig:
             raise ValueError("model.distill_weight and model.contrastive_weight must be >= 0, not both 0")
         if not (self.part_loss_weight >= 0 and math.isfinite(self.part_loss_weight)):
             raise ValueError(f"model.part_loss_weight must be a finite number >= 0, got {self.part_loss_weight!r}")
+        if not (self.hybrid_loss_weight >= 0 and math.isfinite(self.hybrid_loss_weight)):
+            raise ValueError(f"model.hybrid_loss_weight must be a finite number >= 0, got {self.hybrid_loss_weight!r}")
+        if (self.mode == "hybrid" and self.contrastive_weight > 0 and self.distill_weight == 0 and not self.self_distill
+                and self.hybrid_loss_weight == 0 and self.part_loss_weight == 0):
+            raise ValueError("model.hybrid_loss_weight and model.part_loss_weight are both 0: nothing would be trained")
         if not (0 <= self.bow_encoder_grad <= 1):
             raise ValueError(f"model.bow_encoder_grad must be between 0 and 1, got {self.bow_encoder_grad!r}")
 
@@ -262,7 +270,8 @@ class RetrieverTraining(nn.Module):
         terms = {}
         for name in (("hybrid", "dense", "bow") if cfg.mode == "hybrid" else (cfg.mode,)):
             terms[name] = F.cross_entropy(s[name] / tau, target, reduction="sum")
-        weight = {"dense": cfg.part_loss_weight, "bow": cfg.part_loss_weight} if cfg.mode == "hybrid" else {}
+        weight = ({"hybrid": cfg.hybrid_loss_weight, "dense": cfg.part_loss_weight, "bow": cfg.part_loss_weight}
+                  if cfg.mode == "hybrid" else {})
         loss = cfg.contrastive_weight * sum(weight.get(k, 1.0) * v for k, v in terms.items())
         if cfg.self_distill and cfg.mode == "hybrid":
             t = s["hybrid"].detach() / tau
