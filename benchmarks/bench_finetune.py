@@ -55,6 +55,9 @@ Stages (each writes WORK/<stage>.json when it finishes and is skipped when that 
                 part's own term), served as the hybrid with the BoW weight calibrated at the start
   shipped_hybrid_long_apart_fusion  its export scored with the BoW weight chosen on the training queries, as
                 fusion_train does (the hybrid score was never trained, so the start's weight may not be the best)
+  shipped_hybrid_long_headlr, shipped_hybrid_long_apart_headlr  shipped_hybrid_long and shipped_hybrid_long_apart
+                with the new MLM head's transform and bias at HEAD_LR_SCALE x the learning rate
+                (model.bow_head_lr_scale): a fresh layer among pre-trained ones
 Results: benchmarks/results/finetune.csv (one row per stage and mode; `notes` holds the p-value of a paired
 sign-flip permutation test on per-query NDCG@10 against BM25 for each stage's own mode) and the stages' JSON in
 WORK.
@@ -84,7 +87,8 @@ STAGES = ("bm25", "minilm", "pretrain", "ours_hybrid", "st_mnrl", "ours_dense", 
           "fusion_train", "st_mnrl_long", "ours_dense_long", "shipped_hybrid_long",
           "shipped_hybrid_long_kd", "shipped_hybrid_long_lowbow", "shipped_hybrid_long_hybridonly",
           "shipped_hybrid_long_bowgrad0", "shipped_hybrid_long_bowgrad01", "shipped_hybrid_long_bowgrad03",
-          "shipped_hybrid_long_bowgrad0_hybridonly", "shipped_hybrid_long_apart", "shipped_hybrid_long_apart_fusion")
+          "shipped_hybrid_long_bowgrad0_hybridonly", "shipped_hybrid_long_apart", "shipped_hybrid_long_apart_fusion",
+          "shipped_hybrid_long_headlr", "shipped_hybrid_long_apart_headlr")
 
 # The fine-tuning recipe every row shares (what was cut to fit 2 CPU cores is said in benchmarks/README.md)
 EPOCHS = 1
@@ -102,6 +106,7 @@ S2_EPOCHS = 2  # ours_hybrid_long_s2
 BOW_ENCODER_GRADS = (0.0, 0.1, 0.3)  # shipped_hybrid_long_bowgrad*: model.bow_encoder_grad
 LOW_BOW_WEIGHT = 1.1e-4  # shipped_hybrid_long_lowbow: half of shipped_hybrid_long's calibrated 2.17e-4
 FUSION_FACTORS = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # fusion_train: multiples of the trained BoW weight
+HEAD_LR_SCALE = 20.0  # *_headlr: model.bow_head_lr_scale (5e-5 x 20 = 1e-3 for the new head)
 APART_FUSION_FACTORS = (0.125, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)  # shipped_hybrid_long_apart_fusion (on one CPU
 # export with the parts trained together, the training claims preferred the smallest of FUSION_FACTORS)
 
@@ -365,6 +370,16 @@ def main() -> int:
         shipped_row(p, "shipped_hybrid_long_apart", steps * passes, f", shipped MiniLM + new MLM head, parts trained "
                     f"apart (no hybrid term, BoW gradient into the encoder x0), {passes} epochs", mode="hybrid",
                     extra=["model.bow_encoder_grad=0", "model.hybrid_loss_weight=0"])
+    if p := stage("shipped_hybrid_long_headlr"):  # the new head at a higher learning rate
+        shipped_row(p, "shipped_hybrid_long_headlr", steps * passes, f", shipped MiniLM + new MLM head at "
+                    f"{HEAD_LR_SCALE:g}x the learning rate, {passes} epochs", mode="hybrid",
+                    extra=[f"model.bow_head_lr_scale={HEAD_LR_SCALE}"])
+    if p := stage("shipped_hybrid_long_apart_headlr"):  # both: parts trained apart, the head at a higher rate
+        shipped_row(p, "shipped_hybrid_long_apart_headlr", steps * passes, f", shipped MiniLM + new MLM head at "
+                    f"{HEAD_LR_SCALE:g}x the learning rate, parts trained apart (no hybrid term, BoW gradient into "
+                    f"the encoder x0), {passes} epochs", mode="hybrid",
+                    extra=["model.bow_encoder_grad=0", "model.hybrid_loss_weight=0",
+                           f"model.bow_head_lr_scale={HEAD_LR_SCALE}"])
 
     # the hybrid's BoW weight chosen on the training queries instead of the one training calibrated at its start
     def fusion_row(p, name: str, source: str, factors=FUSION_FACTORS) -> None:

@@ -151,13 +151,27 @@ def skippable(optimizer_cls: type) -> type:
     return Skippable
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases and LayerNorm weights (any 1-D parameter)."""
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None, lr_scale=None) -> list[dict]:
+    """AdamW groups: no weight decay on biases and LayerNorm weights (any 1-D parameter). `lr_scale(name)`, where
+    given, is a multiplier of `lr` per parameter: the parameters whose multiplier is not 1 get groups of their own
+    (after the two plain groups, so that group 0 keeps the recipe's lr, which the logs report); the schedule
+    scales every group alike."""
+    groups: dict[tuple[bool, float], list] = {(True, 1.0): [], (False, 1.0): []}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            scale = float(lr_scale(name)) if lr_scale is not None else 1.0
+            groups.setdefault((not (p.ndim < 2 or name.endswith(".bias")), scale), []).append(p)
+    out = []
+    for (decay, scale), params in groups.items():
+        if scale != 1.0 and not params:
+            continue
+        group = {"params": params, "weight_decay": weight_decay if decay else 0.0}
+        if scale != 1.0:
+            if lr is None:
+                raise ValueError("param_groups: a learning-rate multiplier needs the base lr")
+            group["lr"] = lr * scale
+        out.append(group)
+    return out
 
 
 class Trainer:
@@ -204,7 +218,7 @@ class Trainer:
             deepspeed.zero.register_external_parameter(model, p)
 
         o = cfg.optim
-        groups = param_groups(model, o.weight_decay)
+        groups = param_groups(model, o.weight_decay, o.lr, getattr(task, "lr_scale", None))
         if cfg.zero.offload_optimizer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 

@@ -158,6 +158,47 @@ def test_resume_is_exact_with_dropout(tmp_path, tiny_beir, tiny_encoder, one_ran
     assert a == b  # bit-exact: data, groups, dropout and the cached chunks' RNG replay all resume
 
 
+def test_bow_head_lr_scale_gives_the_new_head_its_own_learning_rate_and_resumes_exactly(tmp_path, tiny_beir,
+                                                                                          tiny_encoder, one_rank):
+    """model.bow_head_lr_scale: the MLM head's transform and bias train at lr x scale through the whole schedule
+    (warm-up and decay alike), everything else at lr; a run stopped and resumed reproduces the whole run."""
+    from dupmae.engine.finetune.task import FinetuneTask as Task
+
+    def recipe(name):
+        return write_recipe(tmp_path / f"{name}.toml", tmp_path / name, tiny_encoder, tiny_beir,
+                            model={"bow_head_lr_scale": 20.0}, train={"max_steps": 5})
+
+    import deepspeed.utils.groups
+
+    deepspeed.utils.groups._WORLD_GROUP = None
+    cfg = load_finetune_config(recipe("probe"))
+    task = Task(cfg)
+    t = trainer.Trainer(cfg, task)
+    base = t.optimizer.param_groups[0]["lr"]
+    assert [round(g["lr"] / base, 6) for g in t.optimizer.param_groups] == [1.0, 1.0, 20.0, 20.0]
+    scaled = {n for n, _ in t.model.named_parameters() if task.lr_scale(n) != 1.0}
+    assert scaled == {n for n, _ in t.model.named_parameters()
+                      if ".cls.predictions.transform." in n or n.endswith("cls.predictions.bias")}
+    assert len(scaled) >= 4  # dense weight and bias, LayerNorm weight and bias, the output bias
+    t.scheduler.step()  # the schedule scales every group alike: warm-up and decay keep the ratio
+    assert [round(g["lr"] / t.optimizer.param_groups[0]["lr"], 6) for g in t.optimizer.param_groups] == [
+        1.0, 1.0, 20.0, 20.0]
+    del t
+    assert run(recipe("whole")) == 0
+    parted = recipe("parted")
+    assert run(parted, "train.stop_at_step=2") == 0
+    assert run(parted) == 0
+    assert losses(tmp_path / "whole") == losses(tmp_path / "parted")
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("inf")])
+def test_a_bad_bow_head_lr_scale_is_refused_by_name(value):
+    from dupmae.engine.finetune.model import RetrieverConfig
+
+    with pytest.raises(ValueError, match="model.bow_head_lr_scale"):
+        RetrieverConfig(encoder="x", bow_head_lr_scale=value).validate()
+
+
 @pytest.mark.parametrize("model", [{}, {"bow_encoder_grad": 0.3}, {"bow_encoder_grad": 0.0, "hybrid_loss_weight": 0.0}])
 def test_gradient_caching_equals_the_plain_loss(tmp_path, tiny_beir, no_dropout_encoder, one_rank, model):
     """Also with model.bow_encoder_grad < 1 (the cached chunks re-encode through the same scaled BoW path) and with

@@ -239,6 +239,24 @@ def tiny_model():
     return DupMAE.from_config(ModelConfig(encoder_config=dict(TINY_ENCODER), kernels="reference"))
 
 
+def test_param_groups_give_scaled_parameters_groups_of_their_own(tiny_model):
+    """lr_scale(name): parameters whose multiplier is not 1 get their own groups at lr x multiplier, split by
+    decay like the rest; the two plain groups come first (group 0 is the one the logs report); each parameter
+    appears once."""
+    head = lambda n: 3.0 if ".cls.predictions.transform." in f".{n}" else 1.0  # noqa: E731
+    groups = param_groups(tiny_model, 0.05, 2e-4, head)
+    assert len(groups) == 4
+    assert [g.get("lr") for g in groups] == [None, None, pytest.approx(6e-4), pytest.approx(6e-4)]
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0, 0.05, 0.0]
+    names = {id(p): n for n, p in tiny_model.named_parameters()}
+    seen = [names[id(p)] for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(names.values())
+    assert {names[id(p)] for g in groups[2:] for p in g["params"]} == {
+        n for n in names.values() if ".cls.predictions.transform." in f".{n}"}
+    assert all(n.endswith(".bias") or "LayerNorm" in n for n in (names[id(p)] for p in groups[3]["params"]))
+    assert len(param_groups(tiny_model, 0.05, 2e-4, lambda n: 1.0)) == 2  # no multiplier: the plain two
+
+
 def test_param_groups_no_decay_and_tied_embedding(tiny_model):
     decay, no_decay = param_groups(tiny_model, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0

@@ -62,6 +62,8 @@ class RetrieverConfig:
     # only from its own term; with bow_encoder_grad = 0 the encoder then trains exactly as in dense mode)
     bow_encoder_grad: float = 1.0  # share of the BoW part's gradient that reaches the shared encoder and the tied word
     # embeddings (1: all; 0: only the MLM head's transform and bias learn from it, the encoder trains as in dense mode)
+    bow_head_lr_scale: float = 1.0  # multiplier of optim.lr for the MLM head's transform and bias (a new head on an
+    # encoder that came without one starts from random weights while everything else is pre-trained)
     teacher_temperature: float = 1.0
     shared_id_threshold: float = 0.9  # a document id kept by at least this share of the batch's documents is "shared"
     kernels: str = "auto"
@@ -92,6 +94,8 @@ class RetrieverConfig:
         if (self.mode == "hybrid" and self.contrastive_weight > 0 and self.distill_weight == 0 and not self.self_distill
                 and self.hybrid_loss_weight == 0 and self.part_loss_weight == 0):
             raise ValueError("model.hybrid_loss_weight and model.part_loss_weight are both 0: nothing would be trained")
+        if not (self.bow_head_lr_scale > 0 and math.isfinite(self.bow_head_lr_scale)):
+            raise ValueError(f"model.bow_head_lr_scale must be a finite number > 0, got {self.bow_head_lr_scale!r}")
         if not (0 <= self.bow_encoder_grad <= 1):
             raise ValueError(f"model.bow_encoder_grad must be between 0 and 1, got {self.bow_encoder_grad!r}")
 

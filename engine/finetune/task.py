@@ -158,6 +158,12 @@ class FinetuneTask:
                       "on the first batch; set it in the recipe to fix it)", file=sys.stderr, flush=True)
         return model
 
+    def lr_scale(self, name: str) -> float:
+        """model.bow_head_lr_scale for the MLM head's transform and bias (new weights when the encoder came
+        without an MLM head), 1 for every other parameter (the tied word embeddings included)."""
+        head = ".cls.predictions.transform." in f".{name}" or name.endswith("cls.predictions.bias")
+        return self.cfg.model.bow_head_lr_scale if head else 1.0
+
     @staticmethod
     def external_parameters(model: RetrieverTraining) -> list:
         return tied_head_parameters(model.lm)
