@@ -395,3 +395,12 @@ def test_bf16_on_cpu_fine_tunes(tmp_path, tiny_beir, tiny_encoder, one_rank, cap
     assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in steps)
     warned = "precision = bf16 on a CPU without AVX512-BF16 or AMX" in capsys.readouterr().err
     assert warned == (not cpu_bf16_native())
+
+
+@pytest.mark.parametrize("name", ["finetune-scifact-cpu.toml", "finetune-scifact-minilm.toml",
+                                  "finetune-wordnet-cpu.toml"])
+def test_the_shipped_finetune_recipes_load_and_validate(name):
+    recipe = Path(__file__).resolve().parents[1] / "configs" / name
+    cfg = load_finetune_config(recipe)
+    cfg.validate()
+    assert cfg.model.mode == "hybrid" and cfg.train.max_steps > 0
