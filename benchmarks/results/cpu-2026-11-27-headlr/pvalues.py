@@ -1,4 +1,4 @@
-"""p-values for the CPU run of shipped_hybrid_long_apart_headlr (one seed) against the GPU rows' seed-averaged
+"""p-values for the CPU runs of shipped_hybrid_long_apart_headlr (seed 1, seed 2, and their per-query mean) against the GPU rows' seed-averaged
 per-query NDCG@10 (three H200 seeds each) and the CPU bowgrad0 seeds: paired sign-flip permutation test over the
 300 SciFact test claims (different machines: read them as indications).
 
@@ -19,7 +19,6 @@ def per_query(paths, mode):
     return {q: sum(r[q] for r in runs) / len(runs) for q in runs[0]}
 
 
-ours = per_query([HERE / "shipped_hybrid_long_apart_headlr.json"], "hybrid")
 gpu = RES / "gpu-2026-11-27-h200-hybridonly"
 refs = {
     "st_mnrl_long (GPU, 3 seeds)": per_query([gpu / f"seed{s}/st_mnrl_long.json" for s in (1, 2, 3)], "dense"),
@@ -30,8 +29,13 @@ refs = {
         [RES / "cpu-2026-11-27-bowgrad0" / f for f in ("shipped_hybrid_long_bowgrad0.json",
                                                         "shipped_hybrid_long_bowgrad0-seed2.json")], "hybrid"),
 }
-qids = sorted(ours)
-mean = sum(ours.values()) / len(qids)
-for name, ref in refs.items():
-    p = paired_permutation_p([ours[q] for q in qids], [ref[q] for q in qids])
-    print(f"apart_headlr (CPU) {mean:.4f} vs {name} {sum(ref.values()) / len(ref):.4f}: p = {p:.3g}")
+runs = {"seed 1": [HERE / "shipped_hybrid_long_apart_headlr.json"],
+        "seed 2": [HERE / "shipped_hybrid_long_apart_headlr-seed2.json"]}
+runs["seeds 1-2"] = runs["seed 1"] + runs["seed 2"]
+for label, paths in runs.items():
+    ours = per_query(paths, "hybrid")
+    qids = sorted(ours)
+    mean = sum(ours.values()) / len(qids)
+    for name, ref in refs.items():
+        p = paired_permutation_p([ours[q] for q in qids], [ref[q] for q in qids])
+        print(f"apart_headlr (CPU, {label}) {mean:.4f} vs {name} {sum(ref.values()) / len(ref):.4f}: p = {p:.3g}")
