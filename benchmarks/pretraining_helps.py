@@ -494,6 +494,8 @@ def report(args, work: Path, p: dict) -> None:
                                        (CONTINUED, "dense", ("dense",)),
                                        (CONTINUED, "hybrid", ("hybrid", "dense", "bow")),
                                        (OURS_CONTINUED, "hybrid", ("hybrid", "dense", "bow"))):
+            if not any((start, ft_mode, coll, m) in groups for start in family[1:] for m in modes):
+                continue  # e.g. the scratch part's DupMAE row, before any of its continued twins ran
             for mode in modes:
                 prev = None
                 for start in family:
