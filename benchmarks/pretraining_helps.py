@@ -4,7 +4,7 @@
     python benchmarks/pretraining_helps.py --part continued     # DupMAE† (continued pre-training of MiniLM)
     python benchmarks/pretraining_helps.py --part ours-continued  # DupMAE† from the scratch part's DupMAE encoder
     python benchmarks/pretraining_helps.py --preset gpu --part all
-    python benchmarks/pretraining_helps.py --preset gpu-small   # the CPU preset's model, pre-trained 20x longer
+    python benchmarks/pretraining_helps.py --preset gpu-small   # cpu-v1's 4 x 256 model, pre-trained 20x longer on one GPU
     python benchmarks/pretraining_helps.py --report             # only rebuild the CSV, plots and table
     python benchmarks/pretraining_helps.py --diagnose           # the starting points' BoW ids and [CLS] vectors
 
