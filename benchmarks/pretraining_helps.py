@@ -599,10 +599,18 @@ def diagnose(args, work: Path, n_docs: int = 512, k: int = 32, zero_shot: bool =
             docs.append(f"{d.get('title', '')} {d['text']}".strip())
             if len(docs) == n_docs:
                 break
+    out = RESULTS / f"pretraining_helps_diagnostics{'' if args.preset == 'cpu' else '_' + args.preset}.csv"
+    known = {}  # a finished stage's export does not change: its row is kept
+    if out.exists():
+        with open(out, newline="") as f:
+            known = {r["start"]: r for r in csv.DictReader(f)}
     rows = []
     for start in SCRATCH + OURS_CONTINUED[1:]:
         folder = work / "exports" / start
         if not folder.is_dir():
+            continue
+        if start in known:
+            rows.append(known[start])
             continue
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         lm = load_masked_lm(ModelConfig(encoder=str(folder))).eval()
@@ -634,7 +642,6 @@ def diagnose(args, work: Path, n_docs: int = 512, k: int = 32, zero_shot: bool =
     if not rows:
         log("no exported starting points to diagnose yet")
         return
-    out = RESULTS / f"pretraining_helps_diagnostics{'' if args.preset == 'cpu' else '_' + args.preset}.csv"
     with open(out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
