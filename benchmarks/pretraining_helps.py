@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import itertools
 import json
 import os
 import platform
@@ -67,8 +68,8 @@ from benchutil import paired_permutation_p  # noqa: E402
 # model; RetroMAE and DupMAE ~2,000: the decoder and the BoW loss over every position), and at lr 2e-3 with 32
 # sequences a step its MLM loss leaves the plateau (6.75) after ~150 steps and reaches 11% held-out accuracy by step
 # 600 (a 1-core probe: 5 minutes). So: 1,500 steps of 32 x 128 tokens (~4.9M tokens per objective; ~8 / 20 / 21
-# minutes for MLM / RetroMAE / DupMAE on 2 ranks) and the gpu-small preset's fine-tuning (10 epochs, 252 steps
-# of 32 claims, ~4 minutes a run), 3 seeds x 4 starting points. The GPU preset is the same experiment larger (one
+# minutes for MLM / RetroMAE / DupMAE on 2 ranks) and the gpu-small preset's fine-tuning (10 epochs, 287 steps
+# of 32 claims, ~4.5 minutes a run), 3 seeds x 4 starting points. The GPU preset is the same experiment larger (one
 # H100: ~30 minutes). The gpu-small preset keeps cpu-v1's model, vocabulary, lengths and fine-tuning batch, and only
 # pre-trains longer (1,500 steps of 128 sequences: ~20x cpu-v1's tokens, about 1.5 passes over the text) and
 # fine-tunes for 10 epochs instead of 2, all on one GPU where its runs go side by side (`jobs`: small models leave a
@@ -267,11 +268,15 @@ def evaluate_model(model: Path, modes: tuple, max_length: int) -> dict:
     return out
 
 
+def work_dir(args) -> Path:
+    return Path(args.work or REPO / "work" / f"pretraining-helps-{args.preset}")
+
+
 def run(args) -> None:
     p = dict(PRESETS[args.preset])
     if args.jobs:
         p["jobs"] = args.jobs
-    work = Path(args.work or REPO / "work" / f"pretraining-helps-{args.preset}")
+    work = work_dir(args)
     work.mkdir(parents=True, exist_ok=True)
     stages = Stages(work)
     logf = work / "run.log"
@@ -393,6 +398,14 @@ def run(args) -> None:
     report(args, work, p)
 
 
+def corpus_texts(data: Path):
+    """A BEIR collection's documents as text: "title text", in corpus order."""
+    with open(data / "corpus.jsonl", encoding="utf-8") as f:
+        for line in f:
+            d = json.loads(line)
+            yield f"{d.get('title', '')} {d['text']}".strip()
+
+
 def write_target_text(work: Path) -> Path:
     """The unlabeled target documents (SciFact's and Cranfield's corpora), nothing else, as one JSONL."""
     target = work / "target.jsonl"
@@ -400,10 +413,8 @@ def write_target_text(work: Path) -> Path:
         tmp = target.with_suffix(".partial")
         with open(tmp, "w", encoding="utf-8") as out:
             for data in (SCIFACT, CRANFIELD):
-                with open(data / "corpus.jsonl", encoding="utf-8") as f:
-                    for line in f:
-                        d = json.loads(line)
-                        out.write(json.dumps({"text": f"{d.get('title', '')} {d['text']}".strip()}) + "\n")
+                for text in corpus_texts(data):
+                    out.write(json.dumps({"text": text}) + "\n")
         os.replace(tmp, target)
     return target
 
@@ -438,6 +449,11 @@ def ft_eval(stages: Stages, p: dict, work: Path, start: str, encoder, mode: str,
 # -- report -------------------------------------------------------------------------------------------------
 
 
+def _suffix(preset: str) -> str:
+    """The results files' suffix: none for the CPU preset, "_PRESET" otherwise."""
+    return "" if preset == "cpu" else "_" + preset
+
+
 def _commit() -> str:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                           text=True).stdout.strip()
@@ -454,7 +470,7 @@ def report(args, work: Path, p: dict) -> None:
     commit = _commit()
     machine = machine_name()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    csv_path = RESULTS / f"pretraining_helps{'' if args.preset == 'cpu' else '_' + args.preset}.csv"
+    csv_path = RESULTS / f"pretraining_helps{_suffix(args.preset)}.csv"
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["date", "machine", "commit", "preset", "start", "finetune_mode", "seed", "collection", "mode",
@@ -510,7 +526,7 @@ def report(args, work: Path, p: dict) -> None:
                                  f"{np.mean(g['recall']):.3f} ± {np.std(g['recall']):.3f} | {pval} |")
         lines.append("")
     table = "\n".join(lines)
-    (RESULTS / f"pretraining_helps{'' if args.preset == 'cpu' else '_' + args.preset}.md").write_text(table + "\n")
+    (RESULTS / f"pretraining_helps{_suffix(args.preset)}.md").write_text(table + "\n")
     print(table)
     _plots(args, work, groups)
 
@@ -522,7 +538,7 @@ def _plots(args, work: Path, groups: dict) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    suffix = "" if args.preset == "cpu" else "_" + args.preset
+    suffix = _suffix(args.preset)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, coll in zip(axes, ("scifact", "cranfield")):
         names, means, stds = [], [], []
@@ -576,7 +592,7 @@ def _plots(args, work: Path, groups: dict) -> None:
     plt.close(fig)
 
 
-def diagnose(args, work: Path, n_docs: int = 512, k: int = 32, zero_shot: bool = True) -> None:
+def diagnose(args, work: Path, n_docs: int = 512, k: int = 32) -> None:
     """What the pre-trained starting points (before any fine-tuning) give the two parts of the representation, on
     the first `n_docs` SciFact documents: the BoW part's top-k ids (k = 32) per document, their share among the
     document's own tokens ("lexical": the head predicts what is there) and the share that at least half of the
@@ -592,14 +608,8 @@ def diagnose(args, work: Path, n_docs: int = 512, k: int = 32, zero_shot: bool =
     from dupmae.engine.representation import Retriever
 
     torch.set_num_threads(os.cpu_count() or 1)
-    docs = []
-    with open(SCIFACT / "corpus.jsonl", encoding="utf-8") as f:
-        for line in f:
-            d = json.loads(line)
-            docs.append(f"{d.get('title', '')} {d['text']}".strip())
-            if len(docs) == n_docs:
-                break
-    out = RESULTS / f"pretraining_helps_diagnostics{'' if args.preset == 'cpu' else '_' + args.preset}.csv"
+    docs = list(itertools.islice(corpus_texts(SCIFACT), n_docs))
+    out = RESULTS / f"pretraining_helps_diagnostics{_suffix(args.preset)}.csv"
     known = {}  # a finished stage's export does not change: its row is kept
     if out.exists():
         with open(out, newline="") as f:
@@ -633,10 +643,9 @@ def diagnose(args, work: Path, n_docs: int = 512, k: int = 32, zero_shot: bool =
                      "bow_shared": float(common[top].float().mean()),
                      "bow_distinct_ids": int((counts > 0).sum()),
                      "cls_mean_cosine": float(off.mean())})
-        if zero_shot:  # the starting point as a retriever with no fine-tuning at all, each part alone
-            res = evaluate_model(folder, ("dense", "bow"), 128)
-            rows[-1].update({f"zero_shot_{c}_{m}_ndcg@10": round(res[c]["rows"][m]["ndcg@10"], 4)
-                             for c in ("scifact", "cranfield") for m in ("dense", "bow")})
+        res = evaluate_model(folder, ("dense", "bow"), 128)  # no fine-tuning at all, each part alone
+        rows[-1].update({f"zero_shot_{c}_{m}_ndcg@10": round(res[c]["rows"][m]["ndcg@10"], 4)
+                         for c in ("scifact", "cranfield") for m in ("dense", "bow")})
         log(f"diagnose {start}: " + ", ".join(f"{a} {b:.3f}" if isinstance(b, float) else f"{a} {b}"
                                              for a, b in rows[-1].items() if a not in ("start", "docs", "k")))
     if not rows:
@@ -676,10 +685,10 @@ def main() -> int:
                                                  args.max_length)))
         return 0
     if args.diagnose:
-        diagnose(args, Path(args.work or REPO / "work" / f"pretraining-helps-{args.preset}"))
+        diagnose(args, work_dir(args))
         return 0
     if args.report:
-        report(args, Path(args.work or REPO / "work" / f"pretraining-helps-{args.preset}"), PRESETS[args.preset])
+        report(args, work_dir(args), PRESETS[args.preset])
         return 0
     run(args)
     return 0
