@@ -7,10 +7,13 @@
     python benchmarks/pretraining_helps.py --preset gpu-small   # cpu-v1's 4 x 256 model, pre-trained 20x longer on one GPU
     python benchmarks/pretraining_helps.py --report             # only rebuild the CSV, plots and table
     python benchmarks/pretraining_helps.py --diagnose           # the starting points' BoW ids and [CLS] vectors
+    python benchmarks/pretraining_helps.py --recipe apart       # the same starts, hybrid with the parts trained apart
 
 One fixed fine-tuning recipe (stage 1 of `dupmae finetune` on SciFact's 809 training claims, hybrid
 representation, in-batch negatives + one random negative per query), the same fine-tuning seeds for every
-starting point; only the starting checkpoint differs. Evaluated on SciFact test (NDCG@10, Recall@100) and, zero
+starting point; only the starting checkpoint differs. `--recipe apart` fine-tunes every hybrid start a second way,
+the parts trained apart (the encoder on the dense part's own loss only, the MLM head on the BoW part's at 20x the
+learning rate: configs/finetune-scifact-minilm.toml's three switches on the same recipe), as its own rows. Evaluated on SciFact test (NDCG@10, Recall@100) and, zero
 shot, on Cranfield (../shared/data/{scifact,cranfield}).
 
 Starting points, from scratch ("scratch" part): one small BERT per objective (`model.objective` = "mlm", BERT's
@@ -321,12 +324,17 @@ def run(args) -> None:
         if stages.done("random-init") is None:
             random_init_folder(p, tok, work / "exports" / "random")
             stages.mark("random-init", {})
-        recipes = [("hybrid", ("dense", "bow", "hybrid"), ())]
+        # (recipe name, model.mode, scored modes, overrides)
+        mode, extra = HYBRID_RECIPES[args.recipe]
+        recipes = [(args.recipe, mode, HYBRID_MODES, extra)]
         if p.get("dense_recipe"):  # the second fixed recipe: cosine [CLS], temperature 0.05 (sentence-transformers')
-            recipes.append(("dense", ("dense",), DENSE_EXTRA))
-        tasks = [lambda s=seed, st=start, r=r: ft_eval(stages, p, work, st, work / "exports" / st, r[0], s, ft_steps,
-                                                        p["ft_lr"], r[1], logs, r[2])
-                 for r in recipes for seed in p["seeds"] for start in SCRATCH]
+            recipes.append(("dense", "dense", ("dense",), DENSE_EXTRA))
+        # the pre-trained starts seed by seed, the floor (random init) last
+        order = sorted(((r, seed, start) for r in recipes for seed in p["seeds"] for start in SCRATCH),
+                       key=lambda t: t[2] == "random")
+        tasks = [lambda s=seed, st=start, r=r: ft_eval(stages, p, work, st, work / "exports" / st, r[1], s, ft_steps,
+                                                        p["ft_lr"], r[2], logs, r[3], recipe=r[0])
+                 for r, seed, start in order]
         in_parallel(p.get("jobs", 1), tasks)
         report(args, work, p)
 
@@ -360,8 +368,8 @@ def run(args) -> None:
                 # hybrid for all three: the shipped encoder gets a new MLM head (its tied word embeddings and a
                 # fresh transform), the floor that says what continued pre-training adds to the BoW part
                 tasks.append(lambda s=seed, st=start, e=encoder: ft_eval(
-                    stages, p, work, st, e, "hybrid", s, ft_steps, p["cont_ft_lr"], ("dense", "bow", "hybrid"),
-                    logs))
+                    stages, p, work, st, e, "hybrid", s, ft_steps, p["cont_ft_lr"], HYBRID_MODES, logs,
+                    HYBRID_RECIPES[args.recipe][1], recipe=args.recipe))
         in_parallel(p.get("jobs", 1), tasks)
 
     if "ours-continued" in parts:
@@ -392,7 +400,8 @@ def run(args) -> None:
         in_parallel(p.get("jobs", 1), [lambda o=o: cont_ours(o) for o in ("mlm", "dupmae")
                                        if stages.done(f"continue-ours-{o}") is None])
         tasks = [lambda s=seed, st=start: ft_eval(stages, p, work, st, work / "exports" / st, "hybrid", s, ft_steps,
-                                                   p["ft_lr"], ("dense", "bow", "hybrid"), logs)
+                                                   p["ft_lr"], HYBRID_MODES, logs, HYBRID_RECIPES[args.recipe][1],
+                                                   recipe=args.recipe)
                  for seed in p["seeds"] for start in OURS_CONTINUED]  # "dupmae" itself: done by the scratch part
         in_parallel(p.get("jobs", 1), tasks)
     report(args, work, p)
@@ -421,11 +430,22 @@ def write_target_text(work: Path) -> Path:
 
 # the dense recipe: normalized [CLS] (cosine), temperature 0.05, as sentence-transformers fine-tunes
 DENSE_EXTRA = ("model.normalize=true", "model.temperature=0.05")
+# the hybrid with its parts trained apart (configs/finetune-scifact-minilm.toml's switches, everything else the
+# hybrid recipe's): the encoder learns from the dense part's own term only, exactly as in dense mode, and the MLM
+# head from the BoW part's own term at 20x the learning rate; the hybrid score is the two parts' sum as before
+APART_EXTRA = ("model.hybrid_loss_weight=0", "model.bow_encoder_grad=0", "model.bow_head_lr_scale=20")
+# fine-tuning recipes by name: (model.mode, extra overrides); the name keys the stages and the CSV's finetune_mode
+HYBRID_RECIPES = {"hybrid": ("hybrid", ()), "apart": ("hybrid", APART_EXTRA)}
+HYBRID_MODES = ("dense", "bow", "hybrid")  # a hybrid retriever is scored whole and by each part alone
+FT_LABELS = {"hybrid": "hybrid", "dense": "dense", "apart": "hybrid, parts apart"}
 
 
 def ft_eval(stages: Stages, p: dict, work: Path, start: str, encoder, mode: str, seed: int, steps: int, lr: float,
-            modes: tuple, logs: Path, extra=()) -> None:
-    name = f"ft-{start}-{mode}-seed{seed}"
+            modes: tuple, logs: Path, extra=(), recipe: str | None = None) -> None:
+    """One fine-tuning run and its evaluation, a stage named after the start, the recipe (default: the mode) and
+    the seed."""
+    recipe = recipe or mode
+    name = f"ft-{start}-{recipe}-seed{seed}"
     if stages.done(name) is not None:
         return
     run_dir = work / "runs" / name
@@ -441,8 +461,8 @@ def ft_eval(stages: Stages, p: dict, work: Path, start: str, encoder, mode: str,
         "--data", SCIFACT.parent, "--eval-out", out], logs / f"{name}.log")
     results = json.loads(out.read_text())
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the export is what is kept
-    stages.mark(name, {"start": start, "mode": mode, "seed": seed, "steps": steps, "train_s": train_s,
-                       "machine": machine_name(), "commit": _commit(), "results": results})
+    stages.mark(name, {"start": start, "mode": recipe, "seed": seed, "steps": steps, "train_s": train_s,
+                       "machine": machine_name(), "commit": _commit(), "extra": list(extra), "results": results})
     shutil.rmtree(export, ignore_errors=True)
 
 
@@ -506,10 +526,11 @@ def report(args, work: Path, p: dict) -> None:
         lines += [f"### {'SciFact test' if coll == 'scifact' else 'Cranfield (zero-shot)'}", "",
                   "| starting point | fine-tuned as | scored | n | NDCG@10 | Recall@100 | p vs above |",
                   "|---|---|---|---:|---:|---:|---:|"]
-        for family, ft_mode, modes in ((SCRATCH, "hybrid", ("hybrid", "dense", "bow")), (SCRATCH, "dense", ("dense",)),
-                                       (CONTINUED, "dense", ("dense",)),
-                                       (CONTINUED, "hybrid", ("hybrid", "dense", "bow")),
-                                       (OURS_CONTINUED, "hybrid", ("hybrid", "dense", "bow"))):
+        parts = ("hybrid", "dense", "bow")
+        for family, ft_mode, modes in ((SCRATCH, "hybrid", parts), (SCRATCH, "dense", ("dense",)),
+                                       (SCRATCH, "apart", parts), (CONTINUED, "dense", ("dense",)),
+                                       (CONTINUED, "hybrid", parts), (CONTINUED, "apart", parts),
+                                       (OURS_CONTINUED, "hybrid", parts), (OURS_CONTINUED, "apart", parts)):
             if not any((start, ft_mode, coll, m) in groups for start in family[1:] for m in modes):
                 continue  # e.g. the scratch part's DupMAE row, before any of its continued twins ran
             for mode in modes:
@@ -521,7 +542,7 @@ def report(args, work: Path, p: dict) -> None:
                     qids, pq = per_query_mean(g)
                     pval = "" if prev is None else f"{paired_permutation_p(pq, prev):.3g}"
                     prev = pq
-                    lines.append(f"| {LABELS[start]} | {ft_mode} | {mode} | {len(g['ndcg'])} | "
+                    lines.append(f"| {LABELS[start]} | {FT_LABELS[ft_mode]} | {mode} | {len(g['ndcg'])} | "
                                  f"{np.mean(g['ndcg']):.3f} ± {np.std(g['ndcg']):.3f} | "
                                  f"{np.mean(g['recall']):.3f} ± {np.std(g['recall']):.3f} | {pval} |")
         lines.append("")
@@ -545,10 +566,11 @@ def _plots(args, work: Path, groups: dict) -> None:
         for start, ft_mode, mode in [(s, "hybrid", "hybrid") for s in SCRATCH] + [
                 (s, "dense", "dense") for s in SCRATCH] + [
                 (s, "dense", "dense") for s in CONTINUED] + [(s, "hybrid", "hybrid") for s in CONTINUED] + [
-                (s, "hybrid", "hybrid") for s in OURS_CONTINUED[1:]]:
+                (s, "hybrid", "hybrid") for s in OURS_CONTINUED[1:]] + [(s, "apart", "hybrid") for s in SCRATCH] + [
+                (s, "apart", "hybrid") for s in CONTINUED + OURS_CONTINUED[1:]]:
             g = groups.get((start, ft_mode, coll, mode))
             if g:
-                names.append(f"{LABELS[start]}\n({ft_mode})")
+                names.append(f"{LABELS[start]}\n({FT_LABELS[ft_mode]})")
                 means.append(np.mean(g["ndcg"]))
                 stds.append(np.std(g["ndcg"]))
         ax.bar(range(len(names)), means, yerr=stds, capsize=4, color="#4c72b0")
@@ -669,6 +691,9 @@ def main() -> int:
     ap.add_argument("--report", action="store_true", help="only rebuild the CSV, table and plots")
     ap.add_argument("--diagnose", action="store_true",
                     help="the pre-trained starting points' BoW ids and [CLS] vectors before fine-tuning (CSV)")
+    ap.add_argument("--recipe", choices=sorted(HYBRID_RECIPES), default="hybrid",
+                    help="how the hybrid starts are fine-tuned: hybrid (the joint recipe, default) or apart (the "
+                         "parts trained apart: configs/finetune-scifact-minilm.toml's switches); its own rows")
     ap.add_argument("--jobs", type=int, default=None,
                     help="runs side by side (default: the preset's; on one GPU small runs leave it mostly idle)")
     ap.add_argument("--evaluate", default=None, help=argparse.SUPPRESS)  # one model: --modes, --max-length, --eval-out
@@ -676,8 +701,10 @@ def main() -> int:
     ap.add_argument("--max-length", type=int, default=128, help=argparse.SUPPRESS)
     ap.add_argument("--eval-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global RESULTS, SCIFACT, CRANFIELD
+    if args.preset == "smoke":  # a pipeline check, not a result: its files stay in its work folder
+        RESULTS = work_dir(args) / "results"
     if args.data:
-        global SCIFACT, CRANFIELD
         SCIFACT, CRANFIELD = Path(args.data).resolve() / "scifact", Path(args.data).resolve() / "cranfield"
     if args.evaluate:
         out = Path(args.eval_out)
