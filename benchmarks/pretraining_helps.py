@@ -11,10 +11,10 @@
 
 One fixed fine-tuning recipe (stage 1 of `dupmae finetune` on SciFact's 809 training claims, hybrid
 representation, in-batch negatives + one random negative per query), the same fine-tuning seeds for every
-starting point; only the starting checkpoint differs. `--recipe apart` fine-tunes every hybrid start a second way,
-the parts trained apart (the encoder on the dense part's own loss only, the MLM head on the BoW part's at 20x the
-learning rate: configs/finetune-scifact-minilm.toml's three switches on the same recipe), as its own rows. Evaluated on SciFact test (NDCG@10, Recall@100) and, zero
-shot, on Cranfield (../shared/data/{scifact,cranfield}).
+starting point; only the starting checkpoint differs. Evaluated on SciFact test (NDCG@10, Recall@100) and, zero
+shot, on Cranfield (../shared/data/{scifact,cranfield}). `--recipe apart` fine-tunes every hybrid start a second
+way, as rows of their own: the parts trained apart (the encoder on the dense part's own loss only, the MLM head on
+the BoW part's at 20x the learning rate: configs/finetune-scifact-minilm.toml's three switches on the same recipe).
 
 Starting points, from scratch ("scratch" part): one small BERT per objective (`model.objective` = "mlm", BERT's
 baseline; "retromae", the enhanced decoder without BoW and RetroMAE-v1's plain query stream; "dupmae"),
@@ -438,6 +438,7 @@ APART_EXTRA = ("model.hybrid_loss_weight=0", "model.bow_encoder_grad=0", "model.
 HYBRID_RECIPES = {"hybrid": ("hybrid", ()), "apart": ("hybrid", APART_EXTRA)}
 HYBRID_MODES = ("dense", "bow", "hybrid")  # a hybrid retriever is scored whole and by each part alone
 FT_LABELS = {"hybrid": "hybrid", "dense": "dense", "apart": "hybrid, parts apart"}
+RECIPE_COLORS = {"hybrid": "#4c72b0", "dense": "#55a868", "apart": "#dd8452"}  # the NDCG plot's bars, by recipe
 
 
 def ft_eval(stages: Stages, p: dict, work: Path, start: str, encoder, mode: str, seed: int, steps: int, lr: float,
@@ -562,7 +563,7 @@ def _plots(args, work: Path, groups: dict) -> None:
     suffix = _suffix(args.preset)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, coll in zip(axes, ("scifact", "cranfield")):
-        names, means, stds = [], [], []
+        names, means, stds, colors = [], [], [], []
         for start, ft_mode, mode in [(s, "hybrid", "hybrid") for s in SCRATCH] + [
                 (s, "dense", "dense") for s in SCRATCH] + [
                 (s, "dense", "dense") for s in CONTINUED] + [(s, "hybrid", "hybrid") for s in CONTINUED] + [
@@ -573,7 +574,8 @@ def _plots(args, work: Path, groups: dict) -> None:
                 names.append(f"{LABELS[start]}\n({FT_LABELS[ft_mode]})")
                 means.append(np.mean(g["ndcg"]))
                 stds.append(np.std(g["ndcg"]))
-        ax.bar(range(len(names)), means, yerr=stds, capsize=4, color="#4c72b0")
+                colors.append(RECIPE_COLORS[ft_mode])
+        ax.bar(range(len(names)), means, yerr=stds, capsize=4, color=colors)
         ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
         ax.set_ylabel("NDCG@10")
         ax.set_title(f"{'SciFact test' if coll == 'scifact' else 'Cranfield (zero-shot)'} after identical fine-tuning",
