@@ -95,6 +95,8 @@ def main() -> int:
     data = load_beir(scifact, "test")
     n_train = sum(1 for _ in open(scifact / "qrels" / "train.tsv")) - 1
     steps = p.get("ft_steps") or max(1, p["ft_epochs"] * n_train // (p["ft_micro"] * p["ranks"]))
+    if args.preset == "smoke":  # a pipeline check: its file stays in its work folder, as pretraining_helps.py's
+        ph.RESULTS = work / "results"
     out = ph.RESULTS / f"bow_probe{ph._suffix(args.preset)}.csv"
     rows = {}
     if out.exists():
@@ -110,6 +112,7 @@ def main() -> int:
         if not export.is_dir():  # the benchmark's own fine-tuning run, once more, export kept
             run_dir = work / "probe" / name / "run"
             log = work / "probe" / f"{name}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
             ph.launch(ph.finetune_args(p, pre, run_dir, mode, args.seed, steps, p["ft_lr"], extra), p["ranks"], log)
             ph.sh([*ph.DUPMAE, "export", run_dir, export, "--overwrite"], log)
         for model, folder, stage in ((start, pre, "pre-trained"), (name, export, "fine-tuned")):
