@@ -291,6 +291,7 @@ def run(args) -> None:
     parts = {"scratch": ("scratch",), "continued": ("continued",), "ours-continued": ("ours-continued",),
              "all": ("scratch", "continued", "ours-continued")}[args.part]
     n_train = sum(1 for _ in open(SCIFACT / "qrels" / "train.tsv")) - 1
+    hyb_mode, hyb_extra = HYBRID_RECIPES[args.recipe]  # how every hybrid start of this call is fine-tuned
     ft_steps = p.get("ft_steps") or max(1, p["ft_epochs"] * n_train // (p["ft_micro"] * p["ranks"]))
 
     if "scratch" in parts:
@@ -325,8 +326,7 @@ def run(args) -> None:
             random_init_folder(p, tok, work / "exports" / "random")
             stages.mark("random-init", {})
         # (recipe name, model.mode, scored modes, overrides)
-        mode, extra = HYBRID_RECIPES[args.recipe]
-        recipes = [(args.recipe, mode, HYBRID_MODES, extra)]
+        recipes = [(args.recipe, hyb_mode, HYBRID_MODES, hyb_extra)]
         if p.get("dense_recipe"):  # the second fixed recipe: cosine [CLS], temperature 0.05 (sentence-transformers')
             recipes.append(("dense", "dense", ("dense",), DENSE_EXTRA))
         # the pre-trained starts seed by seed, the floor (random init) last
@@ -368,8 +368,8 @@ def run(args) -> None:
                 # hybrid for all three: the shipped encoder gets a new MLM head (its tied word embeddings and a
                 # fresh transform), the floor that says what continued pre-training adds to the BoW part
                 tasks.append(lambda s=seed, st=start, e=encoder: ft_eval(
-                    stages, p, work, st, e, "hybrid", s, ft_steps, p["cont_ft_lr"], HYBRID_MODES, logs,
-                    HYBRID_RECIPES[args.recipe][1], recipe=args.recipe))
+                    stages, p, work, st, e, hyb_mode, s, ft_steps, p["cont_ft_lr"], HYBRID_MODES, logs, hyb_extra,
+                    recipe=args.recipe))
         in_parallel(p.get("jobs", 1), tasks)
 
     if "ours-continued" in parts:
@@ -399,9 +399,8 @@ def run(args) -> None:
 
         in_parallel(p.get("jobs", 1), [lambda o=o: cont_ours(o) for o in ("mlm", "dupmae")
                                        if stages.done(f"continue-ours-{o}") is None])
-        tasks = [lambda s=seed, st=start: ft_eval(stages, p, work, st, work / "exports" / st, "hybrid", s, ft_steps,
-                                                   p["ft_lr"], HYBRID_MODES, logs, HYBRID_RECIPES[args.recipe][1],
-                                                   recipe=args.recipe)
+        tasks = [lambda s=seed, st=start: ft_eval(stages, p, work, st, work / "exports" / st, hyb_mode, s, ft_steps,
+                                                   p["ft_lr"], HYBRID_MODES, logs, hyb_extra, recipe=args.recipe)
                  for seed in p["seeds"] for start in OURS_CONTINUED]  # "dupmae" itself: done by the scratch part
         in_parallel(p.get("jobs", 1), tasks)
     report(args, work, p)
