@@ -5,6 +5,7 @@
     python benchmarks/pretraining_helps.py --part ours-continued  # DupMAE† from the scratch part's DupMAE encoder
     python benchmarks/pretraining_helps.py --preset gpu --part all
     python benchmarks/pretraining_helps.py --preset gpu-small   # cpu-v1's 4 x 256 model, pre-trained 20x longer on one GPU
+    python benchmarks/pretraining_helps.py --preset cpu-long --starts retromae,dupmae  # twice the steps, two starts
     python benchmarks/pretraining_helps.py --report             # only rebuild the CSV, plots and table
     python benchmarks/pretraining_helps.py --diagnose           # the starting points' BoW ids and [CLS] vectors
     python benchmarks/pretraining_helps.py --recipe apart       # the same starts, hybrid with the parts trained apart
@@ -91,6 +92,11 @@ PRESETS = {
                       pre_lr=5e-4, ranks=1, precision="fp32", ft_epochs=10, ft_micro=32, q_len=64, p_len=128,
                       ft_lr=1e-4, seeds=(1, 2, 3), cont_steps=300, cont_micro=64, cont_lr=5e-5, cont_ft_lr=5e-5,
                       jobs=6, dense_recipe=True),
+    # the CPU preset pre-trained twice as long (3,000 steps, ~9.8M tokens per objective; ~25 / 38 / 41 minutes for
+    # MLM / RetroMAE / DupMAE on 2 ranks), everything else the same: does a gap at the CPU preset close with tokens?
+    "cpu-long": dict(layers=4, hidden=128, heads=2, ffn=512, vocab=4096, seq=128, pre_steps=3000, pre_micro=16,
+                     pre_lr=2e-3, ranks=2, precision="fp32", ft_epochs=10, ft_micro=16, q_len=64, p_len=128,
+                     ft_lr=1e-4, seeds=(1, 2, 3), cont_steps=100, cont_micro=8, cont_lr=5e-5, cont_ft_lr=5e-5),
     # minutes, to check the pipeline end to end (the target documents only, tiny model, one seed)
     "smoke": dict(layers=2, hidden=64, heads=2, ffn=128, vocab=2000, seq=128, pre_steps=10, pre_micro=8,
                   pre_lr=5e-4, ranks=2, precision="fp32", ft_epochs=1, ft_micro=16, q_len=32, p_len=64, ft_lr=1e-4,
@@ -293,6 +299,10 @@ def run(args) -> None:
     n_train = sum(1 for _ in open(SCIFACT / "qrels" / "train.tsv")) - 1
     hyb_mode, hyb_extra = HYBRID_RECIPES[args.recipe]  # how every hybrid start of this call is fine-tuned
     ft_steps = p.get("ft_steps") or max(1, p["ft_epochs"] * n_train // (p["ft_micro"] * p["ranks"]))
+    starts = args.starts.split(",") if args.starts else SCRATCH  # the scratch part's starting points
+    unknown = sorted(set(starts) - set(SCRATCH))
+    if unknown:
+        raise SystemExit(f"--starts: unknown starting point(s) {', '.join(unknown)} (choose from {', '.join(SCRATCH)})")
 
     if "scratch" in parts:
         text, tok, shards = work / "text", work / "tokenizer", work / f"shards-{p['seq']}"
@@ -321,8 +331,8 @@ def run(args) -> None:
                                "metrics": str((run_dir / "metrics.jsonl").relative_to(work))})
 
         in_parallel(p.get("jobs", 1), [lambda o=o: pretrain(o) for o in OBJECTIVES
-                                       if stages.done(f"pretrain-{o}") is None])
-        if stages.done("random-init") is None:
+                                       if o in starts and stages.done(f"pretrain-{o}") is None])
+        if "random" in starts and stages.done("random-init") is None:
             random_init_folder(p, tok, work / "exports" / "random")
             stages.mark("random-init", {})
         # (recipe name, model.mode, scored modes, overrides)
@@ -330,7 +340,8 @@ def run(args) -> None:
         if p.get("dense_recipe"):  # the second fixed recipe: cosine [CLS], temperature 0.05 (sentence-transformers')
             recipes.append(("dense", "dense", ("dense",), DENSE_EXTRA))
         # the pre-trained starts seed by seed, the floor (random init) last
-        order = sorted(((r, seed, start) for r in recipes for seed in p["seeds"] for start in SCRATCH),
+        order = sorted(((r, seed, start) for r in recipes for seed in p["seeds"] for start in SCRATCH
+                        if start in starts),
                        key=lambda t: t[2] == "random")
         tasks = [lambda s=seed, st=start, r=r: ft_eval(stages, p, work, st, work / "exports" / st, r[1], s, ft_steps,
                                                         p["ft_lr"], r[2], logs, r[3], recipe=r[0])
@@ -695,6 +706,9 @@ def main() -> int:
     ap.add_argument("--recipe", choices=sorted(HYBRID_RECIPES), default="hybrid",
                     help="how the hybrid starts are fine-tuned: hybrid (the joint recipe, default) or apart (the "
                          "parts trained apart: configs/finetune-scifact-minilm.toml's switches); its own rows")
+    ap.add_argument("--starts", default=None,
+                    help="the scratch part's starting points, comma-separated (default all: " + ",".join(SCRATCH) +
+                         "); the others are neither pre-trained nor fine-tuned")
     ap.add_argument("--jobs", type=int, default=None,
                     help="runs side by side (default: the preset's; on one GPU small runs leave it mostly idle)")
     ap.add_argument("--evaluate", default=None, help=argparse.SUPPRESS)  # one model: --modes, --max-length, --eval-out
