@@ -5,7 +5,7 @@
     python benchmarks/pretraining_helps.py --part ours-continued  # DupMAE† from the scratch part's DupMAE encoder
     python benchmarks/pretraining_helps.py --preset gpu --part all
     python benchmarks/pretraining_helps.py --preset gpu-small   # cpu-v1's 4 x 256 model, pre-trained 20x longer on one GPU
-    python benchmarks/pretraining_helps.py --preset cpu-long --starts retromae,dupmae  # twice the steps, two starts
+    python benchmarks/pretraining_helps.py --preset cpu-long --starts retromae,dupmae  # 2x steps, two starts
     python benchmarks/pretraining_helps.py --report             # only rebuild the CSV, plots and table
     python benchmarks/pretraining_helps.py --diagnose           # the starting points' BoW ids and [CLS] vectors
     python benchmarks/pretraining_helps.py --recipe apart       # the same starts, hybrid with the parts trained apart
@@ -92,9 +92,9 @@ PRESETS = {
                       pre_lr=5e-4, ranks=1, precision="fp32", ft_epochs=10, ft_micro=32, q_len=64, p_len=128,
                       ft_lr=1e-4, seeds=(1, 2, 3), cont_steps=300, cont_micro=64, cont_lr=5e-5, cont_ft_lr=5e-5,
                       jobs=6, dense_recipe=True),
-    # the CPU preset pre-trained twice as long (3,000 steps, ~9.8M tokens per objective; measured 22 (beside CI) / 28 / 31
-    # minutes for MLM / RetroMAE / DupMAE on 2 ranks), everything else the same; about 2.5 hours in all. It closes the
-    # CPU preset's [CLS] gap and gives the paper's order zero-shot on Cranfield (benchmarks/README.md, "cpu-long")
+    # the CPU preset pre-trained twice as long (3,000 steps, ~9.8M tokens per objective; measured 22 (beside CI) /
+    # 28 / 31 minutes for MLM / RetroMAE / DupMAE on 2 ranks), everything else the same; about 2.5 hours in all. It
+    # closes the CPU preset's [CLS] gap and gives the paper's order zero-shot on Cranfield (benchmarks/README.md)
     "cpu-long": dict(layers=4, hidden=128, heads=2, ffn=512, vocab=4096, seq=128, pre_steps=3000, pre_micro=16,
                      pre_lr=2e-3, ranks=2, precision="fp32", ft_epochs=10, ft_micro=16, q_len=64, p_len=128,
                      ft_lr=1e-4, seeds=(1, 2, 3), cont_steps=100, cont_micro=8, cont_lr=5e-5, cont_ft_lr=5e-5),
