@@ -31,9 +31,10 @@ and, as the twin, with MLM only (a fifth of the from-scratch steps at a quarter 
 fine-tuned in hybrid mode with the scratch part's recipe; its untouched start is the scratch part's DupMAE row.
 
 Every stage writes `<work>/stages/<name>.json` when it completes and is skipped when that file exists; a
-killed pre-training run resumes from its last checkpoint. Results: benchmarks/results/pretraining_helps.csv
-(one row per starting point x seed x collection x mode), pretraining_helps_ndcg.png (NDCG@10 per starting
-point, mean and spread over seeds), pretraining_helps_losses.png (the objectives' pre-training loss curves)
+killed pre-training run resumes from its last checkpoint; a work folder made with another preset's settings is
+refused (`<work>/settings.json`). Results: benchmarks/results/pretraining_helps_PRESET.csv (no suffix for `cpu`)
+(one row per starting point x seed x collection x mode), pretraining_helps_ndcg_PRESET.png (NDCG@10 per starting
+point, mean and spread over seeds), pretraining_helps_losses_PRESET.png (the objectives' pre-training loss curves)
 and a markdown table with paired significance tests (sign-flip permutation test over queries, on the per-query
 NDCG@10 averaged over seeds) between neighbours in the expected ordering.
 """
@@ -183,6 +184,26 @@ class Stages:
         return record
 
 
+def check_settings(work: Path, preset: str, p: dict) -> None:
+    """A work folder holds one preset's stages: record its settings on the first run (`settings.json`) and refuse
+    to reuse finished stages made with other settings (e.g. another --preset pointed at the same --work)."""
+    path = work / "settings.json"
+    want = json.loads(json.dumps({k: v for k, v in p.items() if k != "jobs"}))  # tuples as lists, like the file
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"preset": preset, "settings": want}, indent=1))
+        os.replace(tmp, path)
+        return
+    have = json.loads(path.read_text())
+    got = have.get("settings", {})
+    diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+    if diff:
+        shown = "; ".join(f"{k}: {got.get(k)!r} there, {want.get(k)!r} now" for k in diff[:6])
+        raise SystemExit(f"{path}: this work folder was made with preset {have.get('preset')!r} and other "
+                         f"settings ({shown}{'; ...' if len(diff) > 6 else ''}); its finished stages would be "
+                         f"reused as if they were {preset!r}'s: pass another --work (or delete this folder)")
+
+
 def recipe_text(p: dict, shards: Path, run_dir: Path, objective: str, steps: int, micro: int, lr: float,
                 encoder: str | None = None) -> str:
     enc = (f'encoder = "{encoder}"' if encoder else
@@ -286,6 +307,7 @@ def run(args) -> None:
         p["jobs"] = args.jobs
     work = work_dir(args)
     work.mkdir(parents=True, exist_ok=True)
+    check_settings(work, args.preset, p)
     stages = Stages(work)
     logf = work / "run.log"
     logs = work / "logs"  # one log per pre-training / fine-tuning run (runs may go side by side)
