@@ -26,3 +26,8 @@ def test_other_settings_refused_naming_the_keys(tmp_path):
     assert "settings.json" in msg and "pre_steps: 1500 there, 3000 now" in msg and "--work" in msg
     assert (tmp_path / "settings.json").read_text() == before  # the folder's record is left as it was
 
+
+def test_default_preset_exists_and_cpu_long_differs_from_cpu_in_steps_only():
+    assert ph.DEFAULT_PRESET in ph.PRESETS
+    long, short = ph.PRESETS["cpu-long"], ph.PRESETS["cpu"]
+    assert {k for k in long.keys() | short.keys() if long.get(k) != short.get(k)} == {"pre_steps"}
