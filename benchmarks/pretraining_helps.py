@@ -197,8 +197,12 @@ def check_settings(work: Path, preset: str, p: dict) -> None:
         tmp.write_text(json.dumps({"preset": preset, "settings": want}, indent=1))
         os.replace(tmp, path)
         return
-    have = json.loads(path.read_text())
-    got = have.get("settings", {})
+    try:
+        have = json.loads(path.read_text())
+        got = have["settings"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{path}: unreadable ({type(e).__name__}: {e}); it records which preset made this work "
+                         f"folder: restore it, or pass another --work") from None
     diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
     if diff:
         shown = "; ".join(f"{k}: {got.get(k)!r} there, {want.get(k)!r} now" for k in diff[:6])

@@ -27,6 +27,14 @@ def test_other_settings_refused_naming_the_keys(tmp_path):
     assert (tmp_path / "settings.json").read_text() == before  # the folder's record is left as it was
 
 
+@pytest.mark.parametrize("text", ["{not json", "[]", '{"preset": "cpu"}'])
+def test_unreadable_settings_file_named(tmp_path, text):
+    (tmp_path / "settings.json").write_text(text)
+    with pytest.raises(SystemExit) as err:
+        ph.check_settings(tmp_path, "cpu", dict(ph.PRESETS["cpu"]))
+    assert "settings.json: unreadable" in str(err.value)
+
+
 def test_default_preset_exists_and_cpu_long_differs_from_cpu_in_steps_only():
     assert ph.DEFAULT_PRESET in ph.PRESETS
     long, short = ph.PRESETS["cpu-long"], ph.PRESETS["cpu"]
