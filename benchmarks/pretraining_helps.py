@@ -106,6 +106,7 @@ PRESETS = {
 # budget: 2h19m from an empty work folder on 2 cores (2026-11-27; benchmarks/README.md).
 PRESETS["cpu-long"] = dict(PRESETS["cpu"], pre_steps=3000)
 DEFAULT_PRESET = "cpu-long"
+PRE_SEED = 1234  # the pre-training seed (weights, data order, masks) unless --pre-seed names another
 OBJECTIVES = ("mlm", "retromae", "dupmae")
 SCRATCH = ("random", "mlm", "retromae", "dupmae")  # the expected ordering, worst first
 CONTINUED = ("minilm", "minilm+mlm", "minilm+dupmae")
@@ -229,6 +230,7 @@ query_stream = "{stream}"
 shards = ["{shards}"]
 micro_batch = {micro}
 grad_accum = 1
+seed = {p.get('pre_seed', PRE_SEED)}
 eval_samples = 256
 num_workers = 1
 
@@ -238,7 +240,7 @@ max_steps = {steps}
 precision = "{p['precision']}"
 eval_every = {max(steps // 4, 1)}
 eval_batches = 4
-seed = 1234
+seed = {p.get('pre_seed', PRE_SEED)}
 
 [optim]
 lr = {lr}
@@ -257,12 +259,13 @@ every = 10
 """
 
 
-def random_init_folder(p: dict, tokenizer: Path, out: Path, seed: int = 1234) -> None:
-    """The from-scratch BERT with random weights (its MLM head random too), as a model folder."""
+def random_init_folder(p: dict, tokenizer: Path, out: Path) -> None:
+    """The from-scratch BERT with random weights (its MLM head random too), as a model folder; its weights drawn
+    with the pre-training seed."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
-    torch.manual_seed(seed)
+    torch.manual_seed(p.get("pre_seed", PRE_SEED))
     lm = BertForMaskedLM(BertConfig(vocab_size=p["vocab"], hidden_size=p["hidden"], num_hidden_layers=p["layers"],
                                     num_attention_heads=p["heads"], intermediate_size=p["ffn"],
                                     max_position_embeddings=max(p["seq"], 128)))
@@ -304,12 +307,24 @@ def evaluate_model(model: Path, modes: tuple, max_length: int) -> dict:
     return out
 
 
+def settings(args) -> dict:
+    """The preset's settings with this call's pre-training seed (recorded only where it is not the default, so
+    that the folders made before the option keep theirs)."""
+    p = dict(PRESETS[args.preset])
+    if args.pre_seed != PRE_SEED:
+        p["pre_seed"] = args.pre_seed
+    return p
+
+
 def work_dir(args) -> Path:
-    return Path(args.work or REPO / "work" / f"pretraining-helps-{args.preset}")
+    """--work, or work/pretraining-helps-PRESET; another pre-training seed than the default gets its own folder:
+    the same path with "-pseedN" appended."""
+    base = args.work or REPO / "work" / f"pretraining-helps-{args.preset}"
+    return Path(f"{base}-pseed{args.pre_seed}" if args.pre_seed != PRE_SEED else base)
 
 
 def run(args) -> None:
-    p = dict(PRESETS[args.preset])
+    p = settings(args)
     if args.jobs:
         p["jobs"] = args.jobs
     work = work_dir(args)
@@ -509,9 +524,11 @@ def ft_eval(stages: Stages, p: dict, work: Path, start: str, encoder, mode: str,
 # -- report -------------------------------------------------------------------------------------------------
 
 
-def _suffix(preset: str) -> str:
-    """The results files' suffix: none for the CPU preset, "_PRESET" otherwise."""
-    return "" if preset == "cpu" else "_" + preset
+def _suffix(args) -> str:
+    """The results files' suffix: none for the CPU preset, "_PRESET" otherwise, "-pseedN" appended for another
+    pre-training seed than the default."""
+    name = args.preset + (f"-pseed{args.pre_seed}" if args.pre_seed != PRE_SEED else "")
+    return "" if name == "cpu" else "_" + name
 
 
 def _commit() -> str:
@@ -530,7 +547,7 @@ def report(args, work: Path, p: dict) -> None:
     commit = _commit()
     machine = machine_name()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    csv_path = RESULTS / f"pretraining_helps{_suffix(args.preset)}.csv"
+    csv_path = RESULTS / f"pretraining_helps{_suffix(args)}.csv"
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["date", "machine", "commit", "preset", "start", "finetune_mode", "seed", "collection", "mode",
@@ -587,7 +604,7 @@ def report(args, work: Path, p: dict) -> None:
                                  f"{np.mean(g['recall']):.3f} ± {np.std(g['recall']):.3f} | {pval} |")
         lines.append("")
     table = "\n".join(lines)
-    (RESULTS / f"pretraining_helps{_suffix(args.preset)}.md").write_text(table + "\n")
+    (RESULTS / f"pretraining_helps{_suffix(args)}.md").write_text(table + "\n")
     print(table)
     _plots(args, work, groups)
 
@@ -599,7 +616,7 @@ def _plots(args, work: Path, groups: dict) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    suffix = _suffix(args.preset)
+    suffix = _suffix(args)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, coll in zip(axes, ("scifact", "cranfield")):
         names, means, stds, colors = [], [], [], []
@@ -672,7 +689,7 @@ def diagnose(args, work: Path, n_docs: int = 512, k: int = 32) -> None:
 
     torch.set_num_threads(os.cpu_count() or 1)
     docs = list(itertools.islice(corpus_texts(SCIFACT), n_docs))
-    out = RESULTS / f"pretraining_helps_diagnostics{_suffix(args.preset)}.csv"
+    out = RESULTS / f"pretraining_helps_diagnostics{_suffix(args)}.csv"
     known = {}  # a finished stage's export does not change: its row is kept
     if out.exists():
         with open(out, newline="") as f:
@@ -739,6 +756,9 @@ def main() -> int:
     ap.add_argument("--starts", default=None,
                     help="the scratch part's starting points, comma-separated (default all: " + ",".join(SCRATCH) +
                          "); the others are neither pre-trained nor fine-tuned")
+    ap.add_argument("--pre-seed", type=int, default=PRE_SEED,
+                    help=f"pre-training seed (default {PRE_SEED}); another seed runs in its own work folder "
+                         "(WORK-pseedN) and writes its own result files (_PRESET-pseedN)")
     ap.add_argument("--jobs", type=int, default=None,
                     help="runs side by side (default: the preset's; on one GPU small runs leave it mostly idle)")
     ap.add_argument("--evaluate", default=None, help=argparse.SUPPRESS)  # one model: --modes, --max-length, --eval-out
@@ -760,7 +780,7 @@ def main() -> int:
         diagnose(args, work_dir(args))
         return 0
     if args.report:
-        report(args, work_dir(args), PRESETS[args.preset])
+        report(args, work_dir(args), settings(args))
         return 0
     run(args)
     return 0
