@@ -10,6 +10,7 @@
     python benchmarks/pretraining_helps.py --report             # only rebuild the CSV, plots and table
     python benchmarks/pretraining_helps.py --diagnose           # the starting points' BoW ids and [CLS] vectors
     python benchmarks/pretraining_helps.py --recipe apart       # the same starts, hybrid with the parts trained apart
+    python benchmarks/pretraining_helps.py --pre-seed 1234,2    # a second pre-training seed, then both pooled
 
 One fixed fine-tuning recipe (stage 1 of `dupmae finetune` on SciFact's 809 training claims, hybrid
 representation, in-batch negatives + one random negative per query), the same fine-tuning seeds for every
@@ -33,11 +34,13 @@ fine-tuned in hybrid mode with the scratch part's recipe; its untouched start is
 
 Every stage writes `<work>/stages/<name>.json` when it completes and is skipped when that file exists; a
 killed pre-training run resumes from its last checkpoint; a work folder made with another preset's settings is
-refused (`<work>/settings.json`). Results: benchmarks/results/pretraining_helps_PRESET.csv (no suffix for `cpu`)
-(one row per starting point x seed x collection x mode), pretraining_helps_ndcg_PRESET.png (NDCG@10 per starting
-point, mean and spread over seeds), pretraining_helps_losses_PRESET.png (the objectives' pre-training loss curves)
-and a markdown table with paired significance tests (sign-flip permutation test over queries, on the per-query
-NDCG@10 averaged over seeds) between neighbours in the expected ordering.
+refused (`<work>/settings.json`); another pre-training seed (`--pre-seed`) runs in a folder of its own (WORK-pseedN).
+Results: benchmarks/results/pretraining_helps_PRESET.csv (no suffix for `cpu`; "-pseedN" appended for another
+pre-training seed) (one row per starting point x seed x collection x mode), pretraining_helps_ndcg_PRESET.png
+(NDCG@10 per starting point, mean and spread over seeds), pretraining_helps_losses_PRESET.png (the objectives'
+pre-training loss curves) and a markdown table with paired significance tests (sign-flip permutation test over
+queries, on the per-query NDCG@10 averaged over seeds) between neighbours in the expected ordering; with several
+pre-training seeds also pretraining_helps_PRESET-pseedsA+B.md and its NDCG plot: every seed's runs pooled.
 """
 from __future__ import annotations
 
@@ -536,11 +539,75 @@ def _commit() -> str:
                           text=True).stdout.strip()
 
 
-def report(args, work: Path, p: dict) -> None:
+def _records(work: Path) -> list[dict]:
+    """A work folder's fine-tuning records (one per starting point x recipe x seed), in name order."""
+    return [json.loads(f.read_text()) for f in sorted(Stages(work).dir.glob("ft-*.json"))]
+
+
+def _groups(recs: list[dict]) -> dict:
+    """NDCG@10, Recall@100, per-query metrics and pre-training seed of every run, by (start, fine-tuning recipe,
+    collection, scored mode)."""
+    groups: dict = {}
+    for r in recs:
+        for coll, res in r["results"].items():
+            for mode, row in res["rows"].items():
+                g = groups.setdefault((r["start"], r["mode"], coll, mode),
+                                      {"ndcg": [], "recall": [], "pq": [], "pre_seed": []})
+                g["ndcg"].append(row["ndcg@10"])
+                g["recall"].append(row["recall@100"])
+                g["pq"].append(res["per_query"][mode])
+                g["pre_seed"].append(r.get("pre_seed", PRE_SEED))
+    return groups
+
+
+def _per_query_mean(g: dict):
     import numpy as np
 
-    stages = Stages(work)
-    recs = [json.loads(f.read_text()) for f in sorted(stages.dir.glob("ft-*.json"))]
+    qids = sorted(g["pq"][0])
+    return qids, np.mean([[pq[q]["ndcg@10"] for q in qids] for pq in g["pq"]], axis=0)
+
+
+def _table(groups: dict, pre_seeds: tuple = ()) -> list[str]:
+    """The markdown tables (SciFact, Cranfield): a row per starting point, recipe and scored mode, in the expected
+    ordering, with the p-value against the row above; with `pre_seeds`, a column of the mean per pre-training
+    seed (every run of a row pooled in its mean, spread and p-value)."""
+    import numpy as np
+
+    lines = []
+    by_seed = f" by pre-training seed ({' / '.join(map(str, pre_seeds))}) |" if pre_seeds else ""
+    for coll in ("scifact", "cranfield"):
+        lines += [f"### {'SciFact test' if coll == 'scifact' else 'Cranfield (zero-shot)'}", "",
+                  f"| starting point | fine-tuned as | scored | n | NDCG@10 |{by_seed} Recall@100 | p vs above |",
+                  "|---|---|---|---:|---:|" + ("---:|" if pre_seeds else "") + "---:|---:|"]
+        parts = ("hybrid", "dense", "bow")
+        for family, ft_mode, modes in ((SCRATCH, "hybrid", parts), (SCRATCH, "dense", ("dense",)),
+                                       (SCRATCH, "apart", parts), (CONTINUED, "dense", ("dense",)),
+                                       (CONTINUED, "hybrid", parts), (CONTINUED, "apart", parts),
+                                       (OURS_CONTINUED, "hybrid", parts), (OURS_CONTINUED, "apart", parts)):
+            if not any((start, ft_mode, coll, m) in groups for start in family[1:] for m in modes):
+                continue  # e.g. the scratch part's DupMAE row, before any of its continued twins ran
+            for mode in modes:
+                prev = None
+                for start in family:
+                    g = groups.get((start, ft_mode, coll, mode))
+                    if not g:
+                        continue
+                    qids, pq = _per_query_mean(g)
+                    pval = "" if prev is None else f"{paired_permutation_p(pq, prev):.3g}"
+                    prev = pq
+                    seeds = ""
+                    if pre_seeds:
+                        per = [[v for v, ps in zip(g["ndcg"], g["pre_seed"]) if ps == seed] for seed in pre_seeds]
+                        seeds = " " + " / ".join(f"{np.mean(v):.3f}" if v else "–" for v in per) + " |"
+                    lines.append(f"| {LABELS[start]} | {FT_LABELS[ft_mode]} | {mode} | {len(g['ndcg'])} | "
+                                 f"{np.mean(g['ndcg']):.3f} ± {np.std(g['ndcg']):.3f} |{seeds} "
+                                 f"{np.mean(g['recall']):.3f} ± {np.std(g['recall']):.3f} | {pval} |")
+        lines.append("")
+    return lines
+
+
+def report(args, work: Path, p: dict) -> None:
+    recs = _records(work)
     if not recs:
         log("no fine-tuning results yet")
         return
@@ -559,64 +626,61 @@ def report(args, work: Path, p: dict) -> None:
                                 r["seed"], coll, mode, f"{row['ndcg@10']:.4f}", f"{row['recall@100']:.4f}",
                                 f"{row['mrr@10']:.4f}", r["steps"], f"{r['train_s']:.0f}"])
 
-    # mean, spread and per-query means over seeds: (start, finetune mode, collection, eval mode)
-    groups: dict = {}
-    for r in recs:
-        for coll, res in r["results"].items():
-            for mode, row in res["rows"].items():
-                g = groups.setdefault((r["start"], r["mode"], coll, mode), {"ndcg": [], "recall": [], "pq": []})
-                g["ndcg"].append(row["ndcg@10"])
-                g["recall"].append(row["recall@100"])
-                g["pq"].append(res["per_query"][mode])
-
-    def per_query_mean(g):
-        qids = sorted(g["pq"][0])
-        return qids, np.mean([[pq[q]["ndcg@10"] for q in qids] for pq in g["pq"]], axis=0)
-
+    groups = _groups(recs)
     ran_on = "; ".join(sorted({r.get("machine", machine) for r in recs}))
     commit = ", ".join(sorted({r.get("commit", commit) for r in recs}))
-    lines = [f"Preset {args.preset}, commit {commit}, fine-tuned and evaluated on {ran_on}, {dt.date.today().isoformat()}. NDCG@10 / Recall@100: "
+    seed = f", pre-training seed {p['pre_seed']}" if "pre_seed" in p else ""
+    lines = [f"Preset {args.preset}{seed}, commit {commit}, fine-tuned and evaluated on {ran_on}, {dt.date.today().isoformat()}. NDCG@10 / Recall@100: "
              "mean ± standard deviation over fine-tuning seeds (n); p: sign-flip permutation test over queries on "
              "the seed-averaged per-query NDCG@10, against the row above (the next starting point in the "
              "expected ordering).", ""]
-    for coll in ("scifact", "cranfield"):
-        lines += [f"### {'SciFact test' if coll == 'scifact' else 'Cranfield (zero-shot)'}", "",
-                  "| starting point | fine-tuned as | scored | n | NDCG@10 | Recall@100 | p vs above |",
-                  "|---|---|---|---:|---:|---:|---:|"]
-        parts = ("hybrid", "dense", "bow")
-        for family, ft_mode, modes in ((SCRATCH, "hybrid", parts), (SCRATCH, "dense", ("dense",)),
-                                       (SCRATCH, "apart", parts), (CONTINUED, "dense", ("dense",)),
-                                       (CONTINUED, "hybrid", parts), (CONTINUED, "apart", parts),
-                                       (OURS_CONTINUED, "hybrid", parts), (OURS_CONTINUED, "apart", parts)):
-            if not any((start, ft_mode, coll, m) in groups for start in family[1:] for m in modes):
-                continue  # e.g. the scratch part's DupMAE row, before any of its continued twins ran
-            for mode in modes:
-                prev = None
-                for start in family:
-                    g = groups.get((start, ft_mode, coll, mode))
-                    if not g:
-                        continue
-                    qids, pq = per_query_mean(g)
-                    pval = "" if prev is None else f"{paired_permutation_p(pq, prev):.3g}"
-                    prev = pq
-                    lines.append(f"| {LABELS[start]} | {FT_LABELS[ft_mode]} | {mode} | {len(g['ndcg'])} | "
-                                 f"{np.mean(g['ndcg']):.3f} ± {np.std(g['ndcg']):.3f} | "
-                                 f"{np.mean(g['recall']):.3f} ± {np.std(g['recall']):.3f} | {pval} |")
-        lines.append("")
-    table = "\n".join(lines)
+    table = "\n".join(lines + _table(groups))
     (RESULTS / f"pretraining_helps{_suffix(args)}.md").write_text(table + "\n")
     print(table)
-    _plots(args, work, groups)
+    suffix = _suffix(args)
+    _ndcg_plot(groups, RESULTS / f"pretraining_helps_ndcg{suffix}.png")
+    _loss_plot(work, RESULTS / f"pretraining_helps_losses{suffix}.png")
 
 
-def _plots(args, work: Path, groups: dict) -> None:
+def pooled_report(args, pre_seeds: tuple) -> None:
+    """Every pre-training seed's runs together (each from its own work folder): a row's mean, spread and p-value
+    over pre-training x fine-tuning seeds, and its mean per pre-training seed. Writes
+    results/pretraining_helps_PRESET-pseedsA+B.md and pretraining_helps_ndcg_PRESET-pseedsA+B.png."""
+    recs, folders = [], []
+    for seed in pre_seeds:
+        work = work_dir(argparse.Namespace(**{**vars(args), "pre_seed": seed}))
+        got = _records(work)
+        for r in got:
+            r["pre_seed"] = seed
+        recs += got
+        folders.append(f"{seed}: {work.name} ({len(got)} runs)")
+    if not recs:
+        log("no fine-tuning results yet")
+        return
+    groups = _groups(recs)
+    ran_on = "; ".join(sorted({r.get("machine", "?") for r in recs}))
+    commit = ", ".join(sorted({r.get("commit", "?") for r in recs}))
+    lines = [f"Preset {args.preset}, pre-training seeds {', '.join(map(str, pre_seeds))} (work folders "
+             f"{'; '.join(folders)}), commit {commit}, fine-tuned and evaluated on {ran_on}, "
+             f"{dt.date.today().isoformat()}. NDCG@10 / Recall@100: mean ± standard deviation over every run of a "
+             "row, pre-training seeds x fine-tuning seeds (n), and NDCG@10's mean per pre-training seed; p: "
+             "sign-flip permutation test over queries on the per-query NDCG@10 averaged over every run, against "
+             "the row above (the next starting point in the expected ordering).", ""]
+    table = "\n".join(lines + _table(groups, pre_seeds))
+    name = f"{args.preset}-pseeds{'+'.join(map(str, pre_seeds))}"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"pretraining_helps_{name}.md").write_text(table + "\n")
+    print(table)
+    _ndcg_plot(groups, RESULTS / f"pretraining_helps_ndcg_{name}.png", " (pre-training x fine-tuning seeds)")
+
+
+def _ndcg_plot(groups: dict, path: Path, spread: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    suffix = _suffix(args)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, coll in zip(axes, ("scifact", "cranfield")):
         names, means, stds, colors = [], [], [], []
@@ -634,11 +698,18 @@ def _plots(args, work: Path, groups: dict) -> None:
         ax.bar(range(len(names)), means, yerr=stds, capsize=4, color=colors)
         ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
         ax.set_ylabel("NDCG@10")
-        ax.set_title(f"{'SciFact test' if coll == 'scifact' else 'Cranfield (zero-shot)'} after identical fine-tuning",
-                     fontsize=9)
+        ax.set_title(f"{'SciFact test' if coll == 'scifact' else 'Cranfield (zero-shot)'} after identical fine-tuning"
+                     f"{spread}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(RESULTS / f"pretraining_helps_ndcg{suffix}.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _loss_plot(work: Path, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     # the from-scratch pre-trainings, then the continued ones (MiniLM + objective) where they ran
@@ -668,7 +739,7 @@ def _plots(args, work: Path, groups: dict) -> None:
     axes[1].set_ylabel("held-out MLM accuracy")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / f"pretraining_helps_losses{suffix}.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -738,6 +809,17 @@ def diagnose(args, work: Path, n_docs: int = 512, k: int = 32) -> None:
     log(f"wrote {out}")
 
 
+def pre_seed_list(text: str) -> tuple:
+    """--pre-seed: one seed or a comma-separated list of distinct seeds."""
+    try:
+        seeds = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a seed or a comma-separated list of seeds, e.g. 1234,2") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: a seed twice")
+    return seeds
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
@@ -756,9 +838,10 @@ def main() -> int:
     ap.add_argument("--starts", default=None,
                     help="the scratch part's starting points, comma-separated (default all: " + ",".join(SCRATCH) +
                          "); the others are neither pre-trained nor fine-tuned")
-    ap.add_argument("--pre-seed", type=int, default=PRE_SEED,
-                    help=f"pre-training seed (default {PRE_SEED}); another seed runs in its own work folder "
-                         "(WORK-pseedN) and writes its own result files (_PRESET-pseedN)")
+    ap.add_argument("--pre-seed", type=pre_seed_list, default=(PRE_SEED,), metavar="N[,N...]",
+                    help=f"pre-training seed(s) (default {PRE_SEED}): another seed runs in its own work folder "
+                         "(WORK-pseedN) and writes its own result files (_PRESET-pseedN); several run one after "
+                         "the other, then a table of them pooled (_PRESET-pseedsA+B)")
     ap.add_argument("--jobs", type=int, default=None,
                     help="runs side by side (default: the preset's; on one GPU small runs leave it mostly idle)")
     ap.add_argument("--evaluate", default=None, help=argparse.SUPPRESS)  # one model: --modes, --max-length, --eval-out
@@ -766,6 +849,7 @@ def main() -> int:
     ap.add_argument("--max-length", type=int, default=128, help=argparse.SUPPRESS)
     ap.add_argument("--eval-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    pre_seeds, args.pre_seed = args.pre_seed, args.pre_seed[0]  # each step below sees one seed
     global RESULTS, SCIFACT, CRANFIELD
     if args.preset == "smoke":  # a pipeline check, not a result: its files stay in its work folder
         RESULTS = work_dir(args) / "results"
@@ -776,13 +860,16 @@ def main() -> int:
         out.write_text(json.dumps(evaluate_model(Path(args.evaluate), tuple(args.modes.split(",")),
                                                  args.max_length)))
         return 0
-    if args.diagnose:
-        diagnose(args, work_dir(args))
-        return 0
-    if args.report:
-        report(args, work_dir(args), settings(args))
-        return 0
-    run(args)
+    for seed in pre_seeds:
+        one = argparse.Namespace(**{**vars(args), "pre_seed": seed})
+        if args.diagnose:
+            diagnose(one, work_dir(one))
+        elif args.report:
+            report(one, work_dir(one), settings(one))
+        else:
+            run(one)
+    if len(pre_seeds) > 1 and not args.diagnose:
+        pooled_report(args, pre_seeds)
     return 0
 
 

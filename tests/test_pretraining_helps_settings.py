@@ -1,4 +1,5 @@
 """benchmarks/pretraining_helps.py: a work folder keeps one preset's settings and refuses another's stages."""
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -39,3 +40,68 @@ def test_default_preset_exists_and_cpu_long_differs_from_cpu_in_steps_only():
     assert ph.DEFAULT_PRESET in ph.PRESETS
     long, short = ph.PRESETS["cpu-long"], ph.PRESETS["cpu"]
     assert {k for k in long.keys() | short.keys() if long.get(k) != short.get(k)} == {"pre_steps"}
+
+
+def _args(**kw):
+    return argparse.Namespace(**{"preset": "cpu-long", "pre_seed": ph.PRE_SEED, "work": None, **kw})
+
+
+def test_default_pre_seed_keeps_folders_settings_and_files():
+    a = _args()
+    assert "pre_seed" not in ph.settings(a)  # folders recorded before the option still match
+    assert ph.work_dir(a).name == "pretraining-helps-cpu-long" and ph._suffix(a) == "_cpu-long"
+    assert ph._suffix(_args(preset="cpu")) == ""
+
+
+def test_other_pre_seed_has_its_own_folder_files_settings_and_recipe(tmp_path):
+    a = _args(pre_seed=2, work=str(tmp_path / "w"))
+    p = ph.settings(a)
+    assert p["pre_seed"] == 2 and ph.work_dir(a) == tmp_path / "w-pseed2" and ph._suffix(a) == "_cpu-long-pseed2"
+    recipe = ph.recipe_text(p, tmp_path / "s", tmp_path / "r", "dupmae", 10, 4, 1e-3)
+    data, train = recipe.split("[data]")[1].split("[train]")
+    assert "seed = 2\n" in data and "seed = 2\n" in train.split("[optim]")[0]  # data order + masks, weights
+    # a folder of the default seed refuses this seed's settings (the guard sees the key)
+    ph.check_settings(tmp_path, "cpu-long", ph.settings(_args()))
+    with pytest.raises(SystemExit, match="pre_seed: None there, 2 now"):
+        ph.check_settings(tmp_path, "cpu-long", p)
+
+
+@pytest.mark.parametrize("text, ok", [("1234", (1234,)), ("1234,2", (1234, 2)), ("1,x", None), ("2,2", None)])
+def test_pre_seed_list(text, ok):
+    if ok:
+        assert ph.pre_seed_list(text) == ok
+    else:
+        with pytest.raises(argparse.ArgumentTypeError, match=repr(text)):
+            ph.pre_seed_list(text)
+
+
+def _fake_run(work: Path, start: str, seed: int, per_query: list):
+    """A fine-tuning record as ft_eval writes it: one collection, hybrid scored, the given per-query NDCG@10."""
+    pq = {f"q{i}": {"ndcg@10": v} for i, v in enumerate(per_query)}
+    mean = sum(per_query) / len(per_query)
+    rec = {"start": start, "mode": "hybrid", "seed": seed, "steps": 1, "train_s": 1.0, "machine": "m",
+           "commit": "c", "results": {"scifact": {"rows": {"hybrid": {"ndcg@10": mean, "recall@100": 0.5,
+                                                                        "mrr@10": mean}},
+                                                   "per_query": {"hybrid": pq}}}}
+    Stages = ph.Stages(work)
+    (Stages.dir / f"ft-{start}-hybrid-seed{seed}.json").write_text(json.dumps(rec))
+
+
+def test_pooled_report_pools_every_run_and_shows_each_pre_seed(tmp_path, monkeypatch):
+    monkeypatch.setattr(ph, "RESULTS", tmp_path / "results")
+    base = tmp_path / "w"
+    n_q = 40
+    for pre_seed, folder, shift in ((ph.PRE_SEED, base, 0.0), (7, Path(f"{base}-pseed7"), 0.1)):
+        for ft_seed in (1, 2):
+            _fake_run(folder, "mlm", ft_seed, [0.2 + shift] * n_q)
+            _fake_run(folder, "dupmae", ft_seed, [0.6 + shift] * n_q)
+    ph.pooled_report(_args(work=str(base)), (ph.PRE_SEED, 7))
+    md = (tmp_path / "results" / "pretraining_helps_cpu-long-pseeds1234+7.md").read_text()
+    assert (tmp_path / "results" / "pretraining_helps_ndcg_cpu-long-pseeds1234+7.png").stat().st_size > 0
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in md.splitlines()
+            if line.startswith("| MLM") or line.startswith("| DupMAE")}
+    # n: 2 pre-training x 2 fine-tuning seeds; the mean pools all four; the per-seed column splits them
+    assert rows["MLM (BERT)"][3:6] == ["4", "0.250 ± 0.050", "0.200 / 0.300"]
+    assert rows["DupMAE"][3:6] == ["4", "0.650 ± 0.050", "0.600 / 0.700"]
+    assert float(rows["DupMAE"][-1].rstrip(" |")) < 0.001  # 40 queries, every one better
+    assert "pre-training seeds 1234, 7" in md
