@@ -540,8 +540,9 @@ def _commit() -> str:
 
 
 def _records(work: Path) -> list[dict]:
-    """A work folder's fine-tuning records (one per starting point x recipe x seed), in name order."""
-    return [json.loads(f.read_text()) for f in sorted(Stages(work).dir.glob("ft-*.json"))]
+    """A work folder's fine-tuning records (one per starting point x recipe x seed), in name order; none for a
+    folder that does not exist (nothing is created)."""
+    return [json.loads(f.read_text()) for f in sorted((work / "stages").glob("ft-*.json"))]
 
 
 def _groups(recs: list[dict]) -> dict:

@@ -105,3 +105,7 @@ def test_pooled_report_pools_every_run_and_shows_each_pre_seed(tmp_path, monkeyp
     assert rows["DupMAE"][3:6] == ["4", "0.650 ± 0.050", "0.600 / 0.700"]
     assert float(rows["DupMAE"][-1].rstrip(" |")) < 0.001  # 40 queries, every one better
     assert "pre-training seeds 1234, 7" in md
+    # a seed with no folder yet: reported as 0 runs, and no folder is made for it
+    ph.pooled_report(_args(work=str(base)), (ph.PRE_SEED, 7, 9))
+    assert not Path(f"{base}-pseed9").exists()
+    assert "9: w-pseed9 (0 runs)" in (tmp_path / "results" / "pretraining_helps_cpu-long-pseeds1234+7+9.md").read_text()
