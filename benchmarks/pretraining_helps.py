@@ -520,7 +520,8 @@ def ft_eval(stages: Stages, p: dict, work: Path, start: str, encoder, mode: str,
     results = json.loads(out.read_text())
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the export is what is kept
     stages.mark(name, {"start": start, "mode": recipe, "seed": seed, "steps": steps, "train_s": train_s,
-                       "machine": machine_name(), "commit": _commit(), "extra": list(extra), "results": results})
+                       "machine": machine_name(), "commit": _commit(), "date": dt.date.today().isoformat(),
+                       "extra": list(extra), "results": results})
     shutil.rmtree(export, ignore_errors=True)
 
 
@@ -541,8 +542,20 @@ def _commit() -> str:
 
 def _records(work: Path) -> list[dict]:
     """A work folder's fine-tuning records (one per starting point x recipe x seed), in name order; none for a
-    folder that does not exist (nothing is created)."""
-    return [json.loads(f.read_text()) for f in sorted((work / "stages").glob("ft-*.json"))]
+    folder that does not exist (nothing is created). A record written before records carried their date is dated
+    by its file, so a report rebuilt later keeps the day the run finished."""
+    recs = []
+    for f in sorted((work / "stages").glob("ft-*.json")):
+        r = json.loads(f.read_text())
+        r.setdefault("date", dt.date.fromtimestamp(f.stat().st_mtime).isoformat())
+        recs.append(r)
+    return recs
+
+
+def _dates(recs: list[dict]) -> str:
+    """The day the records were made, or the first and last day."""
+    days = sorted({r["date"] for r in recs})
+    return days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
 
 
 def _groups(recs: list[dict]) -> dict:
@@ -571,15 +584,18 @@ def _per_query_mean(g: dict):
 def _table(groups: dict, pre_seeds: tuple = ()) -> list[str]:
     """The markdown tables (SciFact, Cranfield): a row per starting point, recipe and scored mode, in the expected
     ordering, with the p-value against the row above; with `pre_seeds`, a column of the mean per pre-training
-    seed (every run of a row pooled in its mean, spread and p-value)."""
+    seed (every run of a row pooled in its mean, spread and p-value) and one counting the pre-training seeds in
+    which the row's mean is above the row above's (of those seeds both rows ran)."""
     import numpy as np
 
     lines = []
-    by_seed = f" by pre-training seed ({' / '.join(map(str, pre_seeds))}) |" if pre_seeds else ""
+    by_seed = (f" by pre-training seed ({' / '.join(map(str, pre_seeds))}) |" if pre_seeds else "")
+    above = " seeds above |" if pre_seeds else ""
     for coll in ("scifact", "cranfield"):
         lines += [f"### {'SciFact test' if coll == 'scifact' else 'Cranfield (zero-shot)'}", "",
-                  f"| starting point | fine-tuned as | scored | n | NDCG@10 |{by_seed} Recall@100 | p vs above |",
-                  "|---|---|---|---:|---:|" + ("---:|" if pre_seeds else "") + "---:|---:|"]
+                  f"| starting point | fine-tuned as | scored | n | NDCG@10 |{by_seed} Recall@100 | p vs above |{above}",
+                  "|---|---|---|---:|---:|" + ("---:|" if pre_seeds else "") + "---:|---:|"
+                  + ("---:|" if pre_seeds else "")]
         parts = ("hybrid", "dense", "bow")
         for family, ft_mode, modes in ((SCRATCH, "hybrid", parts), (SCRATCH, "dense", ("dense",)),
                                        (SCRATCH, "apart", parts), (CONTINUED, "dense", ("dense",)),
@@ -588,7 +604,7 @@ def _table(groups: dict, pre_seeds: tuple = ()) -> list[str]:
             if not any((start, ft_mode, coll, m) in groups for start in family[1:] for m in modes):
                 continue  # e.g. the scratch part's DupMAE row, before any of its continued twins ran
             for mode in modes:
-                prev = None
+                prev = prev_means = None
                 for start in family:
                     g = groups.get((start, ft_mode, coll, mode))
                     if not g:
@@ -596,13 +612,19 @@ def _table(groups: dict, pre_seeds: tuple = ()) -> list[str]:
                     qids, pq = _per_query_mean(g)
                     pval = "" if prev is None else f"{paired_permutation_p(pq, prev):.3g}"
                     prev = pq
-                    seeds = ""
+                    seeds = wins = ""
                     if pre_seeds:
                         per = [[v for v, ps in zip(g["ndcg"], g["pre_seed"]) if ps == seed] for seed in pre_seeds]
-                        seeds = " " + " / ".join(f"{np.mean(v):.3f}" if v else "–" for v in per) + " |"
+                        means = [np.mean(v) if v else None for v in per]
+                        seeds = " " + " / ".join("–" if m is None else f"{m:.3f}" for m in means) + " |"
+                        if prev_means is not None:
+                            both = [(m, a) for m, a in zip(means, prev_means) if m is not None and a is not None]
+                            wins = f" {sum(m > a for m, a in both)}/{len(both)}" if both else ""
+                        wins += " |"
+                        prev_means = means
                     lines.append(f"| {LABELS[start]} | {FT_LABELS[ft_mode]} | {mode} | {len(g['ndcg'])} | "
                                  f"{np.mean(g['ndcg']):.3f} ± {np.std(g['ndcg']):.3f} |{seeds} "
-                                 f"{np.mean(g['recall']):.3f} ± {np.std(g['recall']):.3f} | {pval} |")
+                                 f"{np.mean(g['recall']):.3f} ± {np.std(g['recall']):.3f} | {pval} |{wins}")
         lines.append("")
     return lines
 
@@ -623,7 +645,7 @@ def report(args, work: Path, p: dict) -> None:
         for r in recs:
             for coll, res in r["results"].items():
                 for mode, row in res["rows"].items():
-                    w.writerow([dt.date.today().isoformat(), r.get("machine", machine), r.get("commit", commit), args.preset, r["start"], r["mode"],
+                    w.writerow([r["date"], r.get("machine", machine), r.get("commit", commit), args.preset, r["start"], r["mode"],
                                 r["seed"], coll, mode, f"{row['ndcg@10']:.4f}", f"{row['recall@100']:.4f}",
                                 f"{row['mrr@10']:.4f}", r["steps"], f"{r['train_s']:.0f}"])
 
@@ -631,7 +653,7 @@ def report(args, work: Path, p: dict) -> None:
     ran_on = "; ".join(sorted({r.get("machine", machine) for r in recs}))
     commit = ", ".join(sorted({r.get("commit", commit) for r in recs}))
     seed = f", pre-training seed {p['pre_seed']}" if "pre_seed" in p else ""
-    lines = [f"Preset {args.preset}{seed}, commit {commit}, fine-tuned and evaluated on {ran_on}, {dt.date.today().isoformat()}. NDCG@10 / Recall@100: "
+    lines = [f"Preset {args.preset}{seed}, commit {commit}, fine-tuned and evaluated on {ran_on}, {_dates(recs)}. NDCG@10 / Recall@100: "
              "mean ± standard deviation over fine-tuning seeds (n); p: sign-flip permutation test over queries on "
              "the seed-averaged per-query NDCG@10, against the row above (the next starting point in the "
              "expected ordering).", ""]
@@ -663,10 +685,12 @@ def pooled_report(args, pre_seeds: tuple) -> None:
     commit = ", ".join(sorted({r.get("commit", "?") for r in recs}))
     lines = [f"Preset {args.preset}, pre-training seeds {', '.join(map(str, pre_seeds))} (work folders "
              f"{'; '.join(folders)}), commit {commit}, fine-tuned and evaluated on {ran_on}, "
-             f"{dt.date.today().isoformat()}. NDCG@10 / Recall@100: mean ± standard deviation over every run of a "
+             f"{_dates(recs)}. NDCG@10 / Recall@100: mean ± standard deviation over every run of a "
              "row, pre-training seeds x fine-tuning seeds (n), and NDCG@10's mean per pre-training seed; p: "
              "sign-flip permutation test over queries on the per-query NDCG@10 averaged over every run, against "
-             "the row above (the next starting point in the expected ordering).", ""]
+             "the row above (the next starting point in the expected ordering); seeds above: in how many "
+             "pre-training seeds the row's mean NDCG@10 is above the row above's (the p-value tests queries, "
+             "this the pre-training's own spread).", ""]
     table = "\n".join(lines + _table(groups, pre_seeds))
     name = f"{args.preset}-pseeds{'+'.join(map(str, pre_seeds))}"
     RESULTS.mkdir(parents=True, exist_ok=True)

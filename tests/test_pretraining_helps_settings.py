@@ -103,9 +103,41 @@ def test_pooled_report_pools_every_run_and_shows_each_pre_seed(tmp_path, monkeyp
     # n: 2 pre-training x 2 fine-tuning seeds; the mean pools all four; the per-seed column splits them
     assert rows["MLM (BERT)"][3:6] == ["4", "0.250 ± 0.050", "0.200 / 0.300"]
     assert rows["DupMAE"][3:6] == ["4", "0.650 ± 0.050", "0.600 / 0.700"]
-    assert float(rows["DupMAE"][-1].rstrip(" |")) < 0.001  # 40 queries, every one better
+    assert float(rows["DupMAE"][-2]) < 0.001  # 40 queries, every one better
+    assert rows["DupMAE"][-1].rstrip(" |") == "2/2"  # above MLM under both pre-training seeds
     assert "pre-training seeds 1234, 7" in md
+    # a third seed in which DupMAE is below MLM: counted as such
+    for ft_seed in (1, 2):
+        _fake_run(Path(f"{base}-pseed8"), "mlm", ft_seed, [0.3] * n_q)
+        _fake_run(Path(f"{base}-pseed8"), "dupmae", ft_seed, [0.1] * n_q)
+    ph.pooled_report(_args(work=str(base)), (ph.PRE_SEED, 7, 8))
+    md = (tmp_path / "results" / "pretraining_helps_cpu-long-pseeds1234+7+8.md").read_text()
+    dup = next(line for line in md.splitlines() if line.startswith("| DupMAE"))
+    assert dup.endswith("| 0.600 / 0.700 / 0.100 | 0.500 ± 0.000 | 5e-05 | 2/3 |"), dup
     # a seed with no folder yet: reported as 0 runs, and no folder is made for it
     ph.pooled_report(_args(work=str(base)), (ph.PRE_SEED, 7, 9))
     assert not Path(f"{base}-pseed9").exists()
     assert "9: w-pseed9 (0 runs)" in (tmp_path / "results" / "pretraining_helps_cpu-long-pseeds1234+7+9.md").read_text()
+
+
+def test_records_keep_the_day_they_were_made(tmp_path, monkeypatch):
+    """A report rebuilt later dates every run by its record, not by the day of the rebuild; a record from before
+    records carried a date is dated by its file."""
+    import os
+    import datetime as dt
+
+    monkeypatch.setattr(ph, "RESULTS", tmp_path / "results")
+    work = tmp_path / "w"
+    _fake_run(work, "mlm", 1, [0.2] * 10)  # no "date" key: the file's day counts
+    old = dt.datetime(2026, 1, 2, 12, 0).timestamp()
+    os.utime(work / "stages" / "ft-mlm-hybrid-seed1.json", (old, old))
+    _fake_run(work, "dupmae", 1, [0.4] * 10)
+    rec = json.loads((work / "stages" / "ft-dupmae-hybrid-seed1.json").read_text())
+    (work / "stages" / "ft-dupmae-hybrid-seed1.json").write_text(json.dumps({**rec, "date": "2026-03-04"}))
+    recs = ph._records(work)
+    assert [r["date"] for r in recs] == ["2026-03-04", "2026-01-02"]  # name order: dupmae, mlm
+    assert ph._dates(recs) == "2026-01-02 to 2026-03-04"
+    assert ph._dates(recs[:1]) == "2026-03-04"
+    ph.pooled_report(_args(work=str(work)), (ph.PRE_SEED,))
+    md = (tmp_path / "results" / f"pretraining_helps_cpu-long-pseeds{ph.PRE_SEED}.md").read_text()
+    assert "evaluated on m, 2026-01-02 to 2026-03-04." in md
