@@ -37,6 +37,12 @@ NEEDED = {"ip": "iproute2", "nsenter": "util-linux", "unshare": "util-linux", "s
           "munged": "munge", "slurmctld": "slurmctld", "slurmd": "slurmd", "sbatch": "slurm-client",
           "sshd": "openssh-server", "ssh": "openssh-client", "ssh-keygen": "openssh-client", "pdsh": "pdsh"}
 SBIN = ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
+# slurmctld pings a node every SlurmdTimeout/3 s and sets it DOWN after SlurmdTimeout s without an answer; a DOWN
+# node that stopped answering is not pinged again, only asked to register every 20th ping cycle (Slurm's
+# MAX_REG_FREQUENCY), so one that comes back with nothing of its own to send returns to service (ReturnToService=2)
+# up to 20 * SlurmdTimeout/3 s later: 200 s here (147 and 157 s measured after a link was down ~50 s)
+SLURMD_TIMEOUT_S = 30
+REREGISTER_PERIOD_S = 20 * SLURMD_TIMEOUT_S // 3
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                    "DEADLINE", "PREEMPTED"}
 
@@ -242,7 +248,7 @@ SlurmctldLogFile={self.dir}/log/slurmctld.log
 SlurmdLogFile={self.dir}/log/slurmd-%n.log
 TmpFS={sd}/tmp/%n
 SlurmctldTimeout=30
-SlurmdTimeout=30
+SlurmdTimeout={SLURMD_TIMEOUT_S}
 MessageTimeout=10
 KillWait=5
 MinJobAge=600

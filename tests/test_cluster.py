@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
-from localcluster import TERMINAL_STATES, LocalCluster, _cmdline, local_cluster  # noqa: F401 (a fixture)
+from localcluster import REREGISTER_PERIOD_S, TERMINAL_STATES, LocalCluster, _cmdline, local_cluster  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.cluster
 
@@ -76,11 +76,11 @@ def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records(run)}  # the last record of a step wins (a resumed run)
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
+def wait_for(predicate, timeout: float, what: str, details=lambda: "") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} within {timeout:.0f} s")
+            raise TimeoutError(f"{what} within {timeout:.0f} s\n{details()}")
         time.sleep(0.1)
 
 
@@ -236,6 +236,9 @@ def test_lost_node_or_hung_rank_the_job_is_requeued_and_resumes_exactly(local_cl
     log = job_log(work, job_id)
     print(f"[{fault}] the job ended and was requeued {ended_s:.1f} s after the fault")
     assert requeued(info), f"{info}\n{log[-4000:]}"
+    # Slurm lets a requeued job start about 2 minutes later, which may come before node 2 is back in service:
+    # held until the test has seen the node back and nothing left of the first run on the nodes
+    local_cluster.scontrol("hold", job_id)
     assert ended_s < 15 + 45, ended_s  # the collective's timeout plus Slurm's and the launchers' slack
     if fault == "link-down":
         # whichever comes first: Slurm cancelling the job for the node and requeueing it, or the batch script
@@ -243,10 +246,16 @@ def test_lost_node_or_hung_rank_the_job_is_requeued_and_resumes_exactly(local_cl
         assert "DUE TO NODE FAILURE" in log or "Slurm has already requeued job" in log, log[-4000:]
     else:
         assert "rank 1 stopped answering" in log and "requeueing job" in log and "(1 of 3)" in log, log[-4000:]
-    wait_for(lambda: "State=IDLE" in local_cluster.scontrol("show", "node", n2.name), 120, "node 2 back in service")
+    # node 2 is back in service as soon as slurmctld hears from it: at once when a message of its own gets through
+    # after the link comes back (its step's end), else at Slurm's next periodic registration request
+    wait_for(lambda: "State=IDLE" in local_cluster.scontrol("show", "node", n2.name), REREGISTER_PERIOD_S + 40,
+             "node 2 back in service",
+             lambda: f"{local_cluster.scontrol('show', 'node', n2.name)}\n{local_cluster.job(job_id)}\n"
+                     f"{local_cluster.logs()}")
     wait_for(lambda: not local_cluster.leftover_processes(), 30, "no job process left on the nodes")
     tag = latest_complete(run)
     time.sleep(3)  # not within the second the old credential was revoked (see the preemption test)
+    local_cluster.scontrol("release", job_id)
     local_cluster.scontrol("update", f"JobId={job_id}", "StartTime=now")
     job = finish(local_cluster, work, job_id)
     assert (job.info["JobState"], job.info["ExitCode"]) == ("COMPLETED", "0:0"), job.log[-4000:]
