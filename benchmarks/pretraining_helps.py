@@ -11,6 +11,7 @@
     python benchmarks/pretraining_helps.py --diagnose           # the starting points' BoW ids and [CLS] vectors
     python benchmarks/pretraining_helps.py --recipe apart       # the same starts, hybrid with the parts trained apart
     python benchmarks/pretraining_helps.py --pre-seed 1234,2    # a second pre-training seed, then both pooled
+    python benchmarks/pretraining_helps.py --work work/rerun --tag rerun  # files _cpu-long-rerun.*, the committed kept
 
 One fixed fine-tuning recipe (stage 1 of `dupmae finetune` on SciFact's 809 training claims, hybrid
 representation, in-batch negatives + one random negative per query), the same fine-tuning seeds for every
@@ -36,11 +37,11 @@ Every stage writes `<work>/stages/<name>.json` when it completes and is skipped 
 killed pre-training run resumes from its last checkpoint; a work folder made with another preset's settings is
 refused (`<work>/settings.json`); another pre-training seed (`--pre-seed`) runs in a folder of its own (WORK-pseedN).
 Results: benchmarks/results/pretraining_helps_PRESET.csv (no suffix for `cpu`; "-pseedN" appended for another
-pre-training seed) (one row per starting point x seed x collection x mode), pretraining_helps_ndcg_PRESET.png
-(NDCG@10 per starting point, mean and spread over seeds), pretraining_helps_losses_PRESET.png (the objectives'
-pre-training loss curves) and a markdown table with paired significance tests (sign-flip permutation test over
-queries, on the per-query NDCG@10 averaged over seeds) between neighbours in the expected ordering; with several
-pre-training seeds also pretraining_helps_PRESET-pseedsA+B.md and its NDCG plot: every seed's runs pooled.
+pre-training seed, "-TAG" for `--tag TAG`: a run in another work folder beside a committed one) (one row per
+starting point x seed x collection x mode), pretraining_helps_ndcg_PRESET.png (NDCG@10 per starting point, mean
+and spread over seeds), pretraining_helps_losses_PRESET.png (the objectives' pre-training loss curves) and a
+markdown table with paired significance tests (sign-flip permutation test over queries, on the per-query NDCG@10
+averaged over seeds) between neighbours in the expected ordering; with several pre-training seeds also pretraining_helps_PRESET-pseedsA+B.md and its NDCG plot: every seed's runs pooled.
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -143,10 +145,30 @@ def launch(args: list, ranks: int, log_path: Path) -> None:
 
 
 def machine_name() -> str:
+    """Host, cores, CPU model and the vector ISA torch uses on it, GPU: fp32 CPU runs with the same seed agree bit
+    for bit on one CPU model, not across models (their matmul kernels round differently), so a record says which."""
     import torch
 
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    return f"{platform.node()} {os.cpu_count()} cpu{gpu}"
+    return f"{platform.node()} {os.cpu_count()} cpu ({cpu_model()}){gpu}"
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """E.g. "Intel(R) Xeon(R) Processor, AVX512, AMX" (from /proc/cpuinfo and torch); "unknown CPU" elsewhere."""
+    import torch
+
+    name, flags = "unknown CPU", set()
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name == "unknown CPU":
+                name = " ".join(value.split())
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    isa = torch.backends.cpu.get_cpu_capability()
+    return ", ".join([name, isa] + (["AMX"] if "amx_tile" in flags else []))
 
 
 def in_parallel(jobs: int, tasks: list) -> None:
@@ -530,8 +552,9 @@ def ft_eval(stages: Stages, p: dict, work: Path, start: str, encoder, mode: str,
 
 def _suffix(args) -> str:
     """The results files' suffix: none for the CPU preset, "_PRESET" otherwise, "-pseedN" appended for another
-    pre-training seed than the default."""
+    pre-training seed than the default, "-TAG" for --tag."""
     name = args.preset + (f"-pseed{args.pre_seed}" if args.pre_seed != PRE_SEED else "")
+    name += f"-{args.tag}" if getattr(args, "tag", None) else ""
     return "" if name == "cpu" else "_" + name
 
 
@@ -692,7 +715,8 @@ def pooled_report(args, pre_seeds: tuple) -> None:
              "pre-training seeds the row's mean NDCG@10 is above the row above's (the p-value tests queries, "
              "this the pre-training's own spread).", ""]
     table = "\n".join(lines + _table(groups, pre_seeds))
-    name = f"{args.preset}-pseeds{'+'.join(map(str, pre_seeds))}"
+    tag = getattr(args, "tag", None)
+    name = f"{args.preset}-pseeds{'+'.join(map(str, pre_seeds))}" + (f"-{tag}" if tag else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"pretraining_helps_{name}.md").write_text(table + "\n")
     print(table)
@@ -845,6 +869,13 @@ def pre_seed_list(text: str) -> tuple:
     return seeds
 
 
+def tag_name(text: str) -> str:
+    """--tag: letters, digits, '.', '_' and '-' only (it becomes part of file names)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: letters, digits, '.', '_' and '-' only, e.g. rerun2")
+    return text
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
@@ -867,6 +898,9 @@ def main() -> int:
                     help=f"pre-training seed(s) (default {PRE_SEED}): another seed runs in its own work folder "
                          "(WORK-pseedN) and writes its own result files (_PRESET-pseedN); several run one after "
                          "the other, then a table of them pooled (_PRESET-pseedsA+B)")
+    ap.add_argument("--tag", type=tag_name, default=None,
+                    help="appended to the results files' names (_PRESET-TAG...), so that a run in another work "
+                         "folder (--work) does not overwrite the files of the preset's committed run")
     ap.add_argument("--jobs", type=int, default=None,
                     help="runs side by side (default: the preset's; on one GPU small runs leave it mostly idle)")
     ap.add_argument("--evaluate", default=None, help=argparse.SUPPRESS)  # one model: --modes, --max-length, --eval-out

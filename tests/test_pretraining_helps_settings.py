@@ -141,3 +141,28 @@ def test_records_keep_the_day_they_were_made(tmp_path, monkeypatch):
     ph.pooled_report(_args(work=str(work)), (ph.PRE_SEED,))
     md = (tmp_path / "results" / f"pretraining_helps_cpu-long-pseeds{ph.PRE_SEED}.md").read_text()
     assert "evaluated on m, 2026-01-02 to 2026-03-04." in md
+
+
+def test_tag_names_the_files_apart_and_only_takes_file_name_characters():
+    assert ph._suffix(_args(tag="rerun")) == "_cpu-long-rerun"
+    assert ph._suffix(_args(pre_seed=2, tag="rerun")) == "_cpu-long-pseed2-rerun"
+    assert ph._suffix(_args(preset="cpu", tag="rerun")) == "_cpu-rerun"  # the cpu preset's bare name is its own
+    assert ph._suffix(_args(tag=None)) == "_cpu-long"
+    assert ph.tag_name("ours-continued.2") == "ours-continued.2"
+    for bad in ("", "a/b", "../x", "-x", "a b"):
+        with pytest.raises(argparse.ArgumentTypeError, match="letters, digits"):
+            ph.tag_name(bad)
+
+
+def test_machine_name_says_which_cpu(tmp_path):
+    import torch
+
+    isa = torch.backends.cpu.get_cpu_capability()
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Some  CPU 9000\nflags\t\t: fpu avx512f amx_tile\n\n"
+                    "processor\t: 1\nmodel name\t: Some  CPU 9000\nflags\t\t: fpu avx512f amx_tile\n")
+    assert ph.cpu_model(info) == f"Some CPU 9000, {isa}, AMX"
+    info.write_text("model name\t: Other CPU\nflags\t\t: fpu avx2\n")
+    assert ph.cpu_model(info) == f"Other CPU, {isa}"
+    assert ph.cpu_model(tmp_path / "missing") == f"unknown CPU, {isa}"
+    assert f"cpu ({ph.cpu_model()})" in ph.machine_name()
