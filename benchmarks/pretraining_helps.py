@@ -41,7 +41,8 @@ pre-training seed, "-TAG" for `--tag TAG`: a run in another work folder beside a
 starting point x seed x collection x mode), pretraining_helps_ndcg_PRESET.png (NDCG@10 per starting point, mean
 and spread over seeds), pretraining_helps_losses_PRESET.png (the objectives' pre-training loss curves) and a
 markdown table with paired significance tests (sign-flip permutation test over queries, on the per-query NDCG@10
-averaged over seeds) between neighbours in the expected ordering; with several pre-training seeds also pretraining_helps_PRESET-pseedsA+B.md and its NDCG plot: every seed's runs pooled.
+averaged over seeds) between neighbours in the expected ordering; with several pre-training seeds also
+pretraining_helps_PRESET-pseedsA+B.md and its NDCG plot: every seed's runs pooled.
 """
 from __future__ import annotations
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
-from localcluster import REREGISTER_PERIOD_S, TERMINAL_STATES, LocalCluster, _cmdline, local_cluster  # noqa: F401 (a fixture)
+from localcluster import (REREGISTER_PERIOD_S, TERMINAL_STATES, LocalCluster, _cmdline,
+                          local_cluster)  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.cluster
 
