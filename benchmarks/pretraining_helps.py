@@ -157,19 +157,16 @@ def machine_name() -> str:
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """E.g. "Intel(R) Xeon(R) Processor, AVX512, AMX" (from /proc/cpuinfo and torch); "unknown CPU" elsewhere."""
     import torch
+    from dupmae.engine.metrics import cpu_flags
 
-    name, flags = "unknown CPU", set()
     try:
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and name == "unknown CPU":
-                name = " ".join(value.split())
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
+        names = [v for k, _, v in (line.partition(":") for line in cpuinfo.read_text().splitlines())
+                 if k.strip() == "model name"]
     except OSError:
-        pass
+        names = []
+    name = " ".join(names[0].split()) if names else "unknown CPU"
     isa = torch.backends.cpu.get_cpu_capability()
-    return ", ".join([name, isa] + (["AMX"] if "amx_tile" in flags else []))
+    return ", ".join([name, isa] + (["AMX"] if "amx_tile" in cpu_flags(str(cpuinfo)) else []))
 
 
 def in_parallel(jobs: int, tasks: list) -> None:
