@@ -125,7 +125,21 @@ def safe_globals() -> list:
         from deepspeed.utils.tensor_fragment import fragment_address
     except ImportError:  # another DeepSpeed: its loads fail with a clear error naming the type instead
         return allowed
-    return allowed + [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    # Some Pythons (Debian 12's 3.11.2 among them) pickle a member of an int-valued Enum by name, as
+    # getattr(ZeroStageEnum, "gradients"): answered by a getattr that returns members of allowed Enums only
+    return allowed + [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address,
+                      (_enum_member([ZeroStageEnum]), "builtins.getattr")]
+
+
+def _enum_member(enums: list):
+    """getattr as a checkpoint's pickle may call it: `cls.NAME` for a member NAME of one of `enums`, else an
+    UnpicklingError (so that getattr cannot reach any other attribute of any object)."""
+    def getattr_member(cls, name):
+        if any(cls is e for e in enums) and isinstance(name, str) and name in cls.__members__:
+            return cls.__members__[name]
+        raise pickle.UnpicklingError(f"Unsupported global: GLOBAL builtins.getattr ({getattr(cls, '__name__', cls)!r}, "
+                                     f"{name!r}): only the members of {', '.join(e.__name__ for e in enums)}")
+    return getattr_member
 
 
 def _refusal(path, e: Exception) -> CheckpointError:

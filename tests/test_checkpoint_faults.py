@@ -413,6 +413,34 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path, tiny_recipe, one_ra
     assert not ran.exists()  # the payload never ran
 
 
+class _ByName:
+    """Pickles as getattr(CLS, NAME), as some Pythons (Debian 12's 3.11.2) pickle an int-valued Enum member."""
+
+    def __init__(self, cls, name):
+        self.cls, self.name = cls, name
+
+    def __reduce__(self):
+        return getattr, (self.cls, self.name)
+
+
+def test_enum_members_pickled_by_name_load_and_no_other_getattr_does(tmp_path):
+    """DeepSpeed's optimizer state holds a ZeroStageEnum; where the writing Python pickled it by name, export and
+    resume refused our own checkpoints ("asks for getattr"). Members of the allowed Enum load; getattr reaching
+    anything else is still refused."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    good = tmp_path / "optim_states.pt"
+    torch.save({"zero_stage": _ByName(ZeroStageEnum, "gradients"), "t": torch.ones(2)}, good)
+    state = checkpoint.load_file(good)
+    assert state["zero_stage"] is ZeroStageEnum.gradients and state["t"].tolist() == [1.0, 1.0]
+    for cls, name in ((ZeroStageEnum, "__class__"), (LossScaler, "__init__"), (ZeroStageEnum, "mro")):
+        bad = tmp_path / f"bad-{name}.pt"
+        torch.save({"x": _ByName(cls, name)}, bad)
+        with pytest.raises(CheckpointError, match=f"{bad}: refused to load"):
+            checkpoint.load_file(bad)
+
+
 # -- D: another ZeRO stage at resume -------------------------------------------------------------------------
 
 def test_resume_with_another_zero_stage(tmp_path, tiny_recipe, one_rank, monkeypatch, capsys):
