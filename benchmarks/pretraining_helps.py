@@ -4,7 +4,8 @@
     python benchmarks/pretraining_helps.py --part continued     # DupMAE† (continued pre-training of MiniLM)
     python benchmarks/pretraining_helps.py --part ours-continued  # DupMAE† from the scratch part's DupMAE encoder
     python benchmarks/pretraining_helps.py --preset gpu --part all
-    python benchmarks/pretraining_helps.py --preset gpu-small   # cpu-v1's 4 x 256 model, pre-trained 20x longer on one GPU
+    python benchmarks/pretraining_helps.py --preset gpu-small   # cpu-v1's 4 x 256 model pre-trained 20x longer, one GPU
+    python benchmarks/pretraining_helps.py --preset gpu-short --data-only  # text, tokenizer, shards only (to carry)
     python benchmarks/pretraining_helps.py --preset cpu         # half cpu-long's pre-training steps (under 2 hours)
     python benchmarks/pretraining_helps.py --starts retromae,dupmae  # a subset of the scratch part's starts
     python benchmarks/pretraining_helps.py --report             # only rebuild the CSV, plots and table
@@ -111,6 +112,16 @@ PRESETS = {
 # RetroMAE); 3,000 double every decoder-trained [CLS] and give the paper's order zero-shot on Cranfield, within the
 # budget: 2h19m from an empty work folder on 2 cores (2026-11-27; benchmarks/README.md).
 PRESETS["cpu-long"] = dict(PRESETS["cpu"], pre_steps=3000)
+# The gpu preset's model, vocabulary, lengths and fine-tuning, sized to one 10-minute call on one H100 or H200
+# (what a GPU lent for minutes, not hours, allows): 1,000 steps of 64 x 256 tokens (16.4M tokens per objective,
+# ~1.3 passes over the text; the gpu preset: 98M) with the three pre-trainings side by side, then the 12
+# fine-tuning runs side by side. Estimated from the GPU runs measured so far (benchmarks/README.md: the MiniLM
+# continued at 64 x 256 tokens, 6 x 384, bf16, ran 124 / 157 ms a step for MLM / DupMAE two side by side; a fine-
+# tuning run of a 6-layer model ~100 s with six side by side): ~4 minutes of pre-training and ~3-4 of fine-tuning.
+# lr 1e-3 (the gpu preset's 5e-4 is for 3x the steps): at 1,000 steps the plateau must be left early. The text,
+# tokenizer and shards are made beforehand where the network is (`--data-only`) and carried with the repository
+# (scripts/device_bundle.py); a call cut short resumes from the stages and checkpoints it left.
+PRESETS["gpu-short"] = dict(PRESETS["gpu"], pre_steps=1000, pre_micro=64, pre_lr=1e-3, jobs=12)
 DEFAULT_PRESET = "cpu-long"
 PRE_SEED = 1234  # the pre-training seed (weights, data order, masks) unless --pre-seed names another
 OBJECTIVES = ("mlm", "retromae", "dupmae")
@@ -141,8 +152,18 @@ def launch(args: list, ranks: int, log_path: Path) -> None:
         return
     if not _has_gpu():
         env["OMP_NUM_THREADS"] = "1"
-    sh([BIN / "deepspeed", "--num_gpus", ranks, "--no_local_rank", "--master_port", port, BIN / "dupmae", *args],
+    sh([script("deepspeed"), "--num_gpus", ranks, "--no_local_rank", "--master_port", port, script("dupmae"), *args],
        log_path, env)
+
+
+def script(name: str) -> str:
+    """A console script of this interpreter's environment, else the one on PATH (packages installed with
+    `pip --target`, as scripts/device_run.sh does, put theirs in a bin/ of their own)."""
+    here = BIN / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if found is None:
+        raise SystemExit(f"{name}: not beside {sys.executable} nor on PATH (is the project installed?)")
+    return found
 
 
 def machine_name() -> str:
@@ -362,6 +383,9 @@ def run(args) -> None:
             raise SystemExit(f"{d}: missing (the collections beside the repository)")
     parts = {"scratch": ("scratch",), "continued": ("continued",), "ours-continued": ("ours-continued",),
              "all": ("scratch", "continued", "ours-continued")}[args.part]
+    if getattr(args, "data_only", False) and "scratch" not in parts:
+        raise SystemExit(f"--data-only makes the scratch part's text, tokenizer and shards: not for --part "
+                         f"{args.part}")
     n_train = sum(1 for _ in open(SCIFACT / "qrels" / "train.tsv")) - 1
     hyb_mode, hyb_extra = HYBRID_RECIPES[args.recipe]  # how every hybrid start of this call is fine-tuned
     ft_steps = p.get("ft_steps") or max(1, p["ft_epochs"] * n_train // (p["ft_micro"] * p["ranks"]))
@@ -386,6 +410,9 @@ def run(args) -> None:
             sh([*DUPMAE, "prepare", text / "corpus.jsonl", "--out", shards, "--max-len", p["seq"],
                 "--tokenizer", tok, "--title-field", "", "--overwrite", "--no-progress"], logf)
             stages.mark("shards", json.loads((shards / "manifest.json").read_text()).get("totals", {}))
+        if getattr(args, "data_only", False):
+            log(f"{work}: text, tokenizer and {shards.name} ready (--data-only: nothing trained)")
+            return
         def pretrain(obj):
             name = f"pretrain-{obj}"
             run_dir = work / "runs" / name
@@ -557,8 +584,10 @@ def _suffix(args) -> str:
 
 
 def _commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                          text=True).stdout.strip()
+    """The commit a record names: $DUPMAE_COMMIT where set (a copy of the working tree on another machine, whose
+    git metadata need not say what was sent), else HEAD."""
+    return os.environ.get("DUPMAE_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                                                             capture_output=True, text=True).stdout.strip()
 
 
 def _records(work: Path) -> list[dict]:
@@ -899,6 +928,9 @@ def main() -> int:
     ap.add_argument("--tag", type=tag_name, default=None,
                     help="appended to the results files' names (_PRESET-TAG...), so that a run in another work "
                          "folder (--work) does not overwrite the files of the preset's committed run")
+    ap.add_argument("--data-only", action="store_true",
+                    help="make the scratch part's text, tokenizer and shards, then stop (e.g. before carrying the "
+                         "work folder to a machine without network: scripts/device_bundle.py)")
     ap.add_argument("--jobs", type=int, default=None,
                     help="runs side by side (default: the preset's; on one GPU small runs leave it mostly idle)")
     ap.add_argument("--evaluate", default=None, help=argparse.SUPPRESS)  # one model: --modes, --max-length, --eval-out

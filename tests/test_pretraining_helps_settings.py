@@ -166,3 +166,44 @@ def test_machine_name_says_which_cpu(tmp_path):
     assert ph.cpu_model(info) == f"Other CPU, {isa}"
     assert ph.cpu_model(tmp_path / "missing") == f"unknown CPU, {isa}"
     assert f"cpu ({ph.cpu_model()})" in ph.machine_name()
+
+
+def test_gpu_short_is_the_gpu_model_with_fewer_steps():
+    """The preset sized to one short GPU call keeps the gpu preset's model, vocabulary, lengths and fine-tuning."""
+    gpu, short = ph.PRESETS["gpu"], ph.PRESETS["gpu-short"]
+    differ = sorted(k for k in set(gpu) | set(short) if gpu.get(k) != short.get(k))
+    assert differ == ["jobs", "pre_lr", "pre_micro", "pre_steps"]
+    assert short["pre_steps"] * short["pre_micro"] < gpu["pre_steps"] * gpu["pre_micro"]
+
+
+def test_console_scripts_are_found_beside_the_interpreter_or_on_path(tmp_path, monkeypatch):
+    """`pip --target` (scripts/device_run.sh) puts deepspeed's and dupmae's scripts in a bin/ of their own."""
+    monkeypatch.setattr(ph, "BIN", tmp_path / "interpreter-bin")
+    (tmp_path / "interpreter-bin").mkdir()
+    other = tmp_path / "site-bin"
+    other.mkdir()
+    (other / "deepspeed").write_text("#!/bin/sh\n")
+    (other / "deepspeed").chmod(0o755)
+    monkeypatch.setenv("PATH", str(other))
+    assert ph.script("deepspeed") == str(other / "deepspeed")
+    (tmp_path / "interpreter-bin" / "deepspeed").write_text("")
+    assert ph.script("deepspeed") == str(tmp_path / "interpreter-bin" / "deepspeed")  # the interpreter's first
+    with pytest.raises(SystemExit, match="dupmae: not beside .* nor on PATH"):
+        ph.script("dupmae")
+
+
+@pytest.mark.slow
+def test_data_only_makes_the_text_tokenizer_and_shards_and_trains_nothing(tmp_path):
+    import subprocess
+
+    script = Path(ph.__file__)
+    work = tmp_path / "w"
+    r = subprocess.run([sys.executable, script, "--preset", "smoke", "--work", work, "--data-only"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ready (--data-only: nothing trained)" in r.stderr
+    assert sorted(p.stem for p in (work / "stages").glob("*.json")) == ["shards", "text", "tokenizer"]
+    assert (work / "shards-128" / "manifest.json").is_file() and not (work / "runs").exists()
+    r = subprocess.run([sys.executable, script, "--preset", "smoke", "--work", work, "--data-only", "--part",
+                        "continued"], capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "--data-only makes the scratch part's text, tokenizer and shards" in r.stderr
