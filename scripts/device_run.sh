@@ -107,11 +107,11 @@ left=$((budget - $(elapsed) - 15))
 log "running for at most ${left} s: $*"
 timeout --kill-after=20 "$left" "$@" &
 cmd=$!
-( while kill -0 "$cmd" 2>/dev/null; do sleep 45; pack; done ) &
+( while kill -0 "$cmd" 2>/dev/null; do sleep 45; pack; done ) </dev/null >/dev/null 2>&1 &
 packer=$!
 wait "$cmd"
 rc=$?
-kill "$packer" 2>/dev/null; wait "$packer" 2>/dev/null
+pkill -P "$packer" 2>/dev/null; kill "$packer" 2>/dev/null; wait "$packer" 2>/dev/null  # its sleep too
 pack
 [[ $rc == 124 ]] && log "stopped at the budget ($budget s): run the same call again on this machine to resume"
 echo "command exit $rc after $(elapsed) s" >> "$OUT/device.txt"
