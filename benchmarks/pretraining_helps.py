@@ -118,9 +118,7 @@ PRESETS["cpu-long"] = dict(PRESETS["cpu"], pre_steps=3000)
 # fine-tuning runs side by side. Estimated from the GPU runs measured so far (benchmarks/README.md: the MiniLM
 # continued at 64 x 256 tokens, 6 x 384, bf16, ran 124 / 157 ms a step for MLM / DupMAE two side by side; a fine-
 # tuning run of a 6-layer model ~100 s with six side by side): ~4 minutes of pre-training and ~3-4 of fine-tuning.
-# lr 1e-3 (the gpu preset's 5e-4 is for 3x the steps): at 1,000 steps the plateau must be left early; a CPU probe
-# of this model in bf16 (MLM, 8 sequences a step, 200 of the 1,000 steps) ran warm-up and the peak rate without a
-# spike (grad norm 1.2-1.3). The text,
+# lr 1e-3 (the gpu preset's 5e-4 is for 3x the steps): at 1,000 steps the plateau must be left early. The text,
 # tokenizer and shards are made beforehand where the network is (`--data-only`) and carried with the repository
 # (scripts/device_bundle.py); a call cut short resumes from the stages and checkpoints it left.
 PRESETS["gpu-short"] = dict(PRESETS["gpu"], pre_steps=1000, pre_micro=64, pre_lr=1e-3, jobs=12)

@@ -4,7 +4,6 @@ run test are made on the spot."""
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import os
 import subprocess
